@@ -1,0 +1,6 @@
+"""Checkpoint conversion between moby_jax (Flax) and the PyTorch world (SPEC §5)."""
+
+from convert.backbone import (StateDictMismatch, expected_torch_shapes, flax_to_torch,
+                              torch_to_flax)
+
+__all__ = ["StateDictMismatch", "expected_torch_shapes", "flax_to_torch", "torch_to_flax"]

@@ -1,0 +1,158 @@
+"""Building blocks shared by the backbones and the MoBY heads.
+
+Module and parameter names follow the original PyTorch names (``fc1``/``fc2``,
+``running mean``/``var`` as ``mean``/``var``) so that ``convert`` can map them with
+one table.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# Initialisers of the original Swin/DeiT code: truncated normal (std 0.02) for Linear
+# weights and learned embeddings, zeros for biases.
+trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
+zeros = nn.initializers.zeros
+
+
+def dense(features: int, name: str, dtype: Dtype, use_bias: bool = True) -> nn.Dense:
+  """A Linear layer with the original init, fp32 params and `dtype` compute."""
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                  kernel_init=trunc_normal, bias_init=zeros, name=name)
+
+
+def drop_path(x: jax.Array, rate: float, deterministic: bool, name: str) -> jax.Array:
+  """Stochastic depth: drops whole samples with probability `rate`, scales kept by 1/(1-rate).
+
+  A dropout whose mask is broadcast over every axis but the batch axis is exactly
+  per-sample DropPath; it draws from the "dropout" rng stream.
+  """
+  if rate == 0.0:
+    return x
+  return nn.Dropout(rate, broadcast_dims=tuple(range(1, x.ndim)), name=name)(
+      x, deterministic=deterministic)
+
+
+class Mlp(nn.Module):
+  """Linear(dim -> hidden) -> exact (erf) GELU -> Linear(hidden -> dim)."""
+  hidden_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    out_dim = x.shape[-1]
+    x = dense(self.hidden_dim, "fc1", self.dtype)(x)
+    x = nn.gelu(x, approximate=False)
+    return dense(out_dim, "fc2", self.dtype)(x)
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm with PyTorch semantics over all axes but the last (channels).
+
+  Training mode normalises with the biased variance of the batch and updates the
+  running statistics with momentum 0.1 (PyTorch convention) using the *unbiased*
+  variance, as `torch.nn.BatchNorm1d` does, so exported running statistics match the
+  PyTorch code. Statistics are computed in float32 over the whole (global) batch: under
+  `jax.jit` with a data-sharded batch this is synchronised BatchNorm with no extra code.
+  Eval mode normalises with the running statistics. `num_batches_tracked` counts
+  training-mode calls, like PyTorch's buffer of that name.
+  """
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, use_running_average: bool):
+    features = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+    bias = self.param("bias", zeros, (features,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+    count = self.variable("batch_stats", "num_batches_tracked", jnp.zeros, (), jnp.int32)
+
+    x32 = x.astype(jnp.float32)
+    if use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      axes = tuple(range(x.ndim - 1))
+      n = x32.size // features
+      mean = jnp.mean(x32, axis=axes)
+      var = jnp.mean(jnp.square(x32 - mean), axis=axes)
+      if not self.is_initializing():
+        unbiased = var * (n / max(n - 1, 1))
+        ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
+        ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
+        count.value = count.value + 1
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    return y.astype(self.dtype)
+
+
+class PatchEmbed(nn.Module):
+  """Conv with kernel = stride = patch size: (B, H, W, 3) -> (B, H/p, W/p, embed_dim).
+
+  Followed by a LayerNorm named `norm` when `norm_eps` is given (Swin's `patch_norm`).
+  """
+  patch_size: int
+  embed_dim: int
+  norm_eps: float | None = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    p = self.patch_size
+    # The originals keep PyTorch's default Conv2d init here: weight and bias uniform in
+    # +-1/sqrt(fan_in).
+    bound = (p * p * x.shape[-1]) ** -0.5
+    x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                param_dtype=jnp.float32,
+                kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+                bias_init=lambda key, shape, dtype: jax.random.uniform(
+                    key, shape, dtype, -bound, bound),
+                name="proj")(x)
+    if self.norm_eps is not None:
+      x = nn.LayerNorm(self.norm_eps, dtype=self.dtype, name="norm")(x)
+    return x
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with the original fused `qkv` and `proj` Linears.
+
+  With `window_size` set it is Swin's window attention: a learned
+  `relative_position_bias_table` ((2ws-1)^2, heads) gathered by `relative_index`
+  (ws^2, ws^2) is added to the logits, and an optional additive `mask`
+  (nW, N, N) is applied per window (the leading axis of x is batch * nW, window-major
+  inside each image). Logits and softmax are float32 whatever the compute dtype.
+
+  x: (B_, N, C) -> (B_, N, C).
+  """
+  num_heads: int
+  qkv_bias: bool = True
+  window_size: int | None = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, relative_index=None, mask=None):
+    b, n, c = x.shape
+    head_dim = c // self.num_heads
+    qkv = dense(3 * c, "qkv", self.dtype, use_bias=self.qkv_bias)(x)
+    qkv = qkv.reshape(b, n, 3, self.num_heads, head_dim)  # PyTorch's (3, heads, hd) order
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q = q * head_dim ** -0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+    if self.window_size is not None:
+      ws = self.window_size
+      table = self.param("relative_position_bias_table", trunc_normal,
+                         ((2 * ws - 1) ** 2, self.num_heads), jnp.float32)
+      bias = table[relative_index.reshape(-1)].reshape(n, n, self.num_heads)
+      logits = logits + bias.transpose(2, 0, 1)[None]
+    if mask is not None:
+      nw = mask.shape[0]
+      logits = logits.reshape(b // nw, nw, self.num_heads, n, n) + mask[None, :, None]
+      logits = logits.reshape(b, self.num_heads, n, n)
+    attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, n, c)
+    return dense(c, "proj", self.dtype)(out)
