@@ -94,10 +94,14 @@ def flax_to_torch(variables: Mapping[str, Any], model, prefix: str = "") -> dict
   return out
 
 
-def expected_torch_shapes(model, prefix: str = "") -> dict[str, tuple[int, ...]]:
-  """Every key (parameters and buffers) of the original state_dict, with its shape."""
+def expected_torch_shapes(model, prefix: str = "", abstract=None) -> dict[str, tuple[int, ...]]:
+  """Every key (parameters and buffers) of the original state_dict, with its shape.
+
+  `abstract`: the model's variables (or their shapes) when `model` is not a backbone.
+  """
   shapes = {}
-  flat = traverse_util.flatten_dict(dict(abstract_variables(model)))
+  abstract = abstract_variables(model) if abstract is None else abstract
+  flat = traverse_util.flatten_dict(dict(abstract))
   for (collection, *path), leaf in flat.items():
     name, axes = _torch_name(collection, tuple(path), len(leaf.shape))
     shape = tuple(leaf.shape)
@@ -106,15 +110,18 @@ def expected_torch_shapes(model, prefix: str = "") -> dict[str, tuple[int, ...]]
   return shapes
 
 
-def torch_to_flax(state_dict: Mapping[str, Any], model, prefix: str = "") -> dict:
+def torch_to_flax(state_dict: Mapping[str, Any], model, prefix: str = "",
+                  abstract=None) -> dict:
   """Flax variables for `model` from an original state_dict (tensors or arrays).
 
   Only keys starting with `prefix` are considered (and the prefix removed). Raises
   `StateDictMismatch` listing every missing, unexpected and mis-shaped key, and every
-  buffer whose value differs from the one the model geometry implies.
+  buffer whose value differs from the one the model geometry implies. `abstract`: the
+  model's variables (or their shapes) when `model` is not a backbone.
   """
   given = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-  abstract = traverse_util.flatten_dict(dict(abstract_variables(model)))
+  abstract = abstract_variables(model) if abstract is None else abstract
+  abstract = traverse_util.flatten_dict(dict(abstract))
   buffers = _buffers(model)
   expected = {}
   for flax_path, leaf in abstract.items():

@@ -1,0 +1,6 @@
+"""moby_jax: MoBY self-supervised pre-training of Swin/DeiT in JAX/Flax (SPEC.md)."""
+
+from moby_jax.state import TrainState
+from moby_jax.train_step import create_train_state, encode, make_train_step
+
+__all__ = ["TrainState", "create_train_state", "encode", "make_train_step"]

@@ -1,6 +1,14 @@
-"""Shared test helpers: fixtures paths, error measures, PyTorch <-> numpy plumbing."""
+"""Shared test helpers: fixtures paths, error measures, PyTorch <-> numpy plumbing.
 
+The whole test session sees 8 fake CPU devices (set before jax is imported), so that
+multi-device equivalence can be tested; everything else runs on the first device.
+"""
+
+import json
+import os
 import pathlib
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import numpy as np
 import pytest
@@ -60,3 +68,43 @@ def moby_fixture():
 @pytest.fixture(scope="session")
 def vit_fixture():
   return np.load(FIXTURES / "vit_tiny_features.npz")
+
+
+def fixture_config(batch_size: int = 4):
+  """The configuration of the golden MoBY fixture (SPEC §7), through config fields only.
+
+  Tiny Swin, heads 32 -> 64 -> 32, queue 16, T 0.2, m0 0.99 over K = 10 steps, AdamW with
+  a constant LR of 1e-3 (min_lr = base_lr, no warm-up, LR scaling reference = batch),
+  weight decay 0.05, clip 5; host-side views (no on-device augmentation).
+  """
+  from configs import moby_swin_tiny
+  meta = json.loads(str(np.load(FIXTURES / "moby_tiny_swin.npz")["meta"]))
+  c = moby_swin_tiny.get_config("runlocal")
+  c.model.update(name="swin_mu", img_size=meta["img_size"], window_size=meta["window_size"],
+                 drop_path_rate=0.0, dtype="float32")
+  c.moby.update(target_drop_path_rate=0.0, momentum=meta["momentum"],
+                temperature=meta["temperature"], queue_size=meta["queue_size"],
+                proj_hidden_dim=meta["proj_hidden_dim"], pred_hidden_dim=meta["pred_hidden_dim"],
+                proj_dim=meta["proj_dim"], proj_layers=meta["proj_layers"],
+                pred_layers=meta["pred_layers"])
+  c.optim.update(base_lr=meta["lr"], min_lr=meta["lr"], warmup_lr=meta["lr"],
+                 weight_decay=meta["weight_decay"], betas=tuple(meta["betas"]), eps=meta["eps"],
+                 clip_grad=meta["clip_grad"], reference_batch=batch_size)
+  c.data.update(batch_size=batch_size, num_train_examples=meta["total_steps"] * batch_size)
+  c.train.update(epochs=1, warmup_epochs=0)
+  c.augment.on_device = False
+  return c
+
+
+def noise_robust_config(batch_size):
+  """The fixture config with Adam's eps at 1e-3 instead of 1e-8.
+
+  Device-count equivalence compares two float32 computations that sum in different
+  orders. With eps 1e-8 Adam turns the resulting 1e-7 gradient noise of the elements
+  whose true gradient vanishes (the biases before a BatchNorm) into +-lr steps, which
+  then leak into the keys; with eps 1e-3 the update stays a smooth function of the
+  gradient and the whole state can be compared at 1e-5.
+  """
+  config = fixture_config(batch_size=batch_size)
+  config.optim.eps = 1e-3
+  return config

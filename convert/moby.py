@@ -1,0 +1,116 @@
+"""Whole MoBY train states <-> the official MoBY PyTorch checkpoint (SPEC §5).
+
+`{"model": state_dict}` with `encoder.`/`encoder_k.` backbones, `projector.`,
+`projector_k.`, `predictor.` heads (`linear_hidden.{1,2,...}`, `linear_out`), `queue1`,
+`queue2` as (dim, K) and `queue_ptr` as an int64 (1,) tensor.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from convert.backbone import StateDictMismatch, flax_to_torch, to_numpy, torch_to_flax
+from moby_jax import moby, optim, parallel
+from moby_jax.state import TrainState
+from moby_jax.train_step import abstract_state, check_config
+
+FORMATS = ("official",)
+
+
+def _parts(config):
+  """(torch prefix, state field for params, field for batch stats, key, module) per part."""
+  online, target = moby.build_branches(config)
+  head = lambda name: getattr(online, name, None)  # heads carry no buffers of their own
+  return [
+      ("encoder.", "params", "batch_stats", "encoder", online.encoder),
+      ("encoder_k.", "target_params", "target_batch_stats", "encoder", target.encoder),
+      ("projector.", "params", "batch_stats", "projector", head("projector")),
+      ("projector_k.", "target_params", "target_batch_stats", "projector", head("projector")),
+      ("predictor.", "params", "batch_stats", "predictor", head("predictor")),
+  ]
+
+
+def _variables(state, params_field, stats_field, key) -> dict:
+  out = {"params": getattr(state, params_field)[key]}
+  stats = getattr(state, stats_field)
+  if key in stats:
+    out["batch_stats"] = stats[key]
+  return out
+
+
+def to_pytorch(state: TrainState, config, fmt: str = "official") -> dict[str, Any]:
+  """`{"model": state_dict}` (numpy arrays, PyTorch names and layouts) for `state`."""
+  if fmt not in FORMATS:
+    raise ValueError(f"unknown format {fmt!r}; known: {FORMATS}")
+  state = jax.device_get(state)
+  sd = {}
+  for prefix, params_field, stats_field, key, module in _parts(config):
+    sd.update(flax_to_torch(_variables(state, params_field, stats_field, key), module, prefix))
+  sd["queue1"] = np.ascontiguousarray(np.asarray(state.queue1).T)
+  sd["queue2"] = np.ascontiguousarray(np.asarray(state.queue2).T)
+  sd["queue_ptr"] = np.asarray([state.queue_ptr], np.int64)
+  return {"model": sd}
+
+
+def from_pytorch(checkpoint: Mapping[str, Any], config, step: int = 0,
+                 mesh=None) -> TrainState:
+  """A train state from an official MoBY checkpoint (`{"model": ...}` or a bare state_dict).
+
+  Every key is validated (missing, unexpected, mis-shaped keys and wrong buffers are all
+  listed in one `StateDictMismatch`). The optimizer state is fresh (the PyTorch one is not
+  carried over), `step` is the number of steps already done (drives the LR and momentum
+  schedules) and the step randomness comes from config.train.seed. The state is placed on
+  `mesh` (default: all devices) with the shardings `make_train_step` uses.
+  """
+  sd = checkpoint["model"] if "model" in checkpoint else checkpoint
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  check_config(config, mesh.size)
+  abstract = abstract_state(config)
+  problems, fields = [], {"params": {}, "target_params": {}, "batch_stats": {},
+                          "target_batch_stats": {}}
+  prefixes = [p[0] for p in _parts(config)] + ["queue1", "queue2", "queue_ptr"]
+  for name in sorted(k for k in sd if not any(k == p or k.startswith(p) and p.endswith(".")
+                                             for p in prefixes)):
+    problems.append(f"unexpected key: {name}")
+  for prefix, params_field, stats_field, key, module in _parts(config):
+    try:
+      variables = torch_to_flax(sd, module, prefix,
+                                abstract=_variables(abstract, params_field, stats_field, key))
+    except StateDictMismatch as err:
+      problems += str(err).splitlines()[1:]
+      continue
+    fields[params_field][key] = variables["params"]
+    if "batch_stats" in variables:
+      fields[stats_field][key] = variables["batch_stats"]
+
+  queues = {}
+  for name in ("queue1", "queue2"):
+    want = abstract.queue1.shape[::-1]
+    if name not in sd:
+      problems.append(f"missing key: {name}")
+    elif to_numpy(sd[name]).shape != want:
+      problems.append(f"shape mismatch: {name} is {to_numpy(sd[name]).shape}, model needs {want}")
+    else:
+      queues[name] = to_numpy(sd[name]).T.astype(np.float32, order="C")
+  if "queue_ptr" not in sd:
+    problems.append("missing key: queue_ptr")
+  elif to_numpy(sd["queue_ptr"]).size != 1:
+    problems.append(f"shape mismatch: queue_ptr is {to_numpy(sd['queue_ptr']).shape}, needs (1,)")
+  if problems:
+    raise StateDictMismatch(f"checkpoint does not fit the config ({len(problems)} problems):"
+                            "\n  " + "\n  ".join(p.strip() for p in problems))
+
+  params = fields["params"]
+  state = TrainState(
+      step=np.asarray(step, np.int32), params=params, target_params=fields["target_params"],
+      batch_stats=fields["batch_stats"], target_batch_stats=fields["target_batch_stats"],
+      opt_state=optim.make_optimizer(config).init(params),
+      queue1=queues["queue1"], queue2=queues["queue2"],
+      queue_ptr=np.asarray(to_numpy(sd["queue_ptr"]).reshape(()), np.int32),
+      rng=np.asarray(jax.random.key_data(jax.random.key(config.train.seed))),
+      skipped_steps=np.zeros((), np.int32))
+  shardings = parallel.state_shardings(abstract, mesh, config.parallel.fsdp)
+  return jax.device_put(jax.tree.map(jnp.asarray, state), shardings)

@@ -1,0 +1,34 @@
+"""The MoBY train state: one pytree, everything a run needs to continue exactly."""
+
+from typing import Any
+
+import flax.struct
+import jax
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Train state (all leaves are arrays; shardings come from `parallel`).
+
+  step:               steps done so far (int32); drives the LR and momentum schedules.
+  params:             online {"encoder", "projector", "predictor"}.
+  target_params:      target {"encoder", "projector"} (momentum copies, no gradients).
+  batch_stats:        online BatchNorm running statistics, same keys as params.
+  target_batch_stats: target BatchNorm running statistics.
+  opt_state:          optax state of the online params.
+  queue1, queue2:     (queue_size, proj_dim) keys of view 1 / view 2, rows.
+  queue_ptr:          next row to write (int32).
+  rng:                raw key data (uint32); step randomness is fold_in(rng, step).
+  skipped_steps:      steps whose loss or gradient was non-finite (no update applied).
+  """
+  step: jax.Array
+  params: Any
+  target_params: Any
+  batch_stats: Any
+  target_batch_stats: Any
+  opt_state: Any
+  queue1: jax.Array
+  queue2: jax.Array
+  queue_ptr: jax.Array
+  rng: jax.Array
+  skipped_steps: jax.Array

@@ -1,0 +1,178 @@
+"""`create_train_state` and the pure MoBY `train_step`, compiled once over a device mesh.
+
+`train_step(state, batch)` is written for the global batch (principle 3 of DESIGN.md);
+`make_train_step` jits it with the state's shardings, a data-sharded batch and the old
+state donated.
+"""
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from moby_jax import augment, moby, optim, parallel
+from moby_jax.state import TrainState
+
+
+def check_config(config, num_devices: int) -> None:
+  """Raises ValueError naming the field for configs that cannot train (before compiling)."""
+  batch, queue = config.data.batch_size, config.moby.queue_size
+  if batch <= 0:
+    raise ValueError(f"data.batch_size must be positive, got {batch}")
+  if batch % num_devices:
+    raise ValueError(f"data.batch_size ({batch}, the global batch) must be divisible by the "
+                     f"number of devices ({num_devices})")
+  if queue % batch:
+    raise ValueError(f"moby.queue_size ({queue}) must be a multiple of data.batch_size "
+                     f"({batch}, the global batch)")
+  optim.check_schedule(config)
+
+
+def _init_state(config, rng) -> TrainState:
+  online, _ = moby.build_branches(config)
+  init_rng, q1_rng, q2_rng = jax.random.split(rng, 3)
+  images = jnp.zeros((1, *online.encoder.image_hw, 3), jnp.float32)
+  variables = online.init(init_rng, images, train=False)
+  params = variables["params"]
+  batch_stats = variables.get("batch_stats", {})
+  pick = lambda tree: {k: tree[k] for k in moby.TARGET_KEYS if k in tree}
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      target_params=pick(params),          # the target starts as a copy of the online net
+      batch_stats=batch_stats,
+      target_batch_stats=pick(batch_stats),
+      opt_state=optim.make_optimizer(config).init(params),
+      queue1=moby.init_queue(q1_rng, config.moby.queue_size, config.moby.proj_dim),
+      queue2=moby.init_queue(q2_rng, config.moby.queue_size, config.moby.proj_dim),
+      queue_ptr=jnp.zeros((), jnp.int32),
+      rng=jax.random.key_data(jax.random.key(config.train.seed)),
+      skipped_steps=jnp.zeros((), jnp.int32))
+
+
+def abstract_state(config) -> TrainState:
+  """Shapes and dtypes of the train state, computed without running anything."""
+  return jax.eval_shape(functools.partial(_init_state, config), jax.random.key(0))
+
+
+def create_train_state(config, rng: jax.Array, mesh: Mesh | None = None) -> TrainState:
+  """A fresh train state, created directly with its shardings on `mesh` (default: all devices).
+
+  The target starts as a copy of the online encoder/projector, queues are random unit
+  rows, the step is 0 and the step randomness comes from `config.train.seed`.
+  """
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  check_config(config, mesh.size)
+  shardings = parallel.state_shardings(abstract_state(config), mesh, config.parallel.fsdp)
+  return jax.jit(functools.partial(_init_state, config), out_shardings=shardings)(rng)
+
+
+def _apply(branch, params, batch_stats, images, rng):
+  """Train-mode forward of one view: (normalised output, updated batch stats)."""
+  out, updates = branch.apply({"params": params, "batch_stats": batch_stats}, images,
+                              train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
+  return out, updates.get("batch_stats", {})
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, config,
+               online, target, tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
+  """One MoBY step (SPEC §2) on the global batch {"view1", "view2"}.
+
+  Returns the new state and replicated scalar metrics: loss, lr, momentum, grad_norm
+  (before clipping), skipped (1 if the loss or gradient was non-finite: then params,
+  target, BN statistics, optimizer state, queues and pointer are left unchanged, and
+  only step and skipped_steps advance).
+  """
+  rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  aug_rng, drop1, drop2, tdrop1, tdrop2 = jax.random.split(rng, 5)
+  view1, view2 = batch["view1"], batch["view2"]
+  if config.augment.on_device:
+    view1, view2 = augment.two_views(view1, view2, aug_rng)
+
+  total = optim.total_steps(config)
+  lr = optim.lr_schedule(config)(state.step)
+  m = moby.momentum_at(state.step, total, config.moby.momentum)
+
+  # Momentum update of the target with the online weights before this step's update,
+  # then the keys (no gradient; target BatchNorm in training mode, per view).
+  online_part = {k: state.params[k] for k in state.target_params}
+  target_params = moby.target_update(state.target_params, online_part, m)
+  k1, target_stats = _apply(target, target_params, state.target_batch_stats, view1, tdrop1)
+  k2, target_stats = _apply(target, target_params, target_stats, view2, tdrop2)
+  k1, k2 = jax.lax.stop_gradient(k1), jax.lax.stop_gradient(k2)
+
+  def loss_fn(params):
+    q1, stats = _apply(online, params, state.batch_stats, view1, drop1)
+    q2, stats = _apply(online, params, stats, view2, drop2)
+    t = config.moby.temperature
+    loss = (moby.contrastive_loss(q1, k2, state.queue2, t)
+            + moby.contrastive_loss(q2, k1, state.queue1, t))
+    return loss, stats
+
+  (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_norm = optax.tree.norm(grads)
+  opt_state = optim.set_learning_rate(state.opt_state, lr)
+  updates, opt_state = tx.update(grads, opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+
+  batch = k1.shape[0]
+  ptr = state.queue_ptr
+  updated = dict(params=params, target_params=target_params, batch_stats=batch_stats,
+                 target_batch_stats=target_stats, opt_state=opt_state,
+                 queue1=moby.enqueue(state.queue1, k1, ptr),
+                 queue2=moby.enqueue(state.queue2, k2, ptr),
+                 queue_ptr=(ptr + batch) % config.moby.queue_size)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  kept = {k: getattr(state, k) for k in updated}
+  updated = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, kept)
+  new_state = state.replace(**updated, step=state.step + 1,
+                            skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
+  metrics = dict(loss=loss, lr=lr, momentum=m, grad_norm=grad_norm,
+                 skipped=(~finite).astype(jnp.int32))
+  return new_state, metrics
+
+
+def make_train_step(config, mesh: Mesh | None = None):
+  """A jitted `step(state, batch) -> (state, metrics)` for `config` on `mesh`.
+
+  `batch` is {"view1", "view2"}: float32 NHWC normalised views when
+  `config.augment.on_device` is false, uint8 crops otherwise. Host numpy arrays are
+  placed on the mesh (each process passes its slice of the global batch); global jax
+  arrays are used as they are. The old state is donated: do not reuse it.
+  """
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  check_config(config, mesh.size)
+  online, target = moby.build_branches(config)
+  state_sh = parallel.state_shardings(abstract_state(config), mesh, config.parallel.fsdp)
+  step_fn = functools.partial(train_step, config=config, online=online, target=target,
+                              tx=optim.make_optimizer(config))
+  jitted = jax.jit(step_fn, in_shardings=(state_sh, parallel.batch_sharding(mesh)),
+                   out_shardings=(state_sh, parallel.replicated(mesh)), donate_argnums=0)
+
+  def step(state: TrainState, batch: dict[str, Any]):
+    return jitted(state, parallel.to_global(batch, mesh))
+
+  step.jitted = jitted
+  return step
+
+
+def encode(state: TrainState, images, config, branch: str = "online") -> jax.Array:
+  """Pooled encoder features (B, C) in eval mode for float32 NHWC normalised images."""
+  if branch not in ("online", "target"):
+    raise ValueError(f"branch must be 'online' or 'target', got {branch!r}")
+  online, target = moby.build_branches(config)
+  module = (online if branch == "online" else target).encoder
+  params = state.params if branch == "online" else state.target_params
+  stats = state.batch_stats if branch == "online" else state.target_batch_stats
+  variables = {"params": params["encoder"]}
+  if "encoder" in stats:
+    variables["batch_stats"] = stats["encoder"]
+  return _encode(module, variables, jnp.asarray(images, jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(module, variables, images):
+  return module.apply(variables, images, train=False)
