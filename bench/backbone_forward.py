@@ -9,41 +9,14 @@ autocast when --dtype bfloat16 on CUDA).
 """
 
 import argparse
-import pathlib
-import statistics
-import sys
-import time
 
+from common import median_seconds  # sets the import paths
 import jax
 import numpy as np
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-from moby_jax.models import SwinTransformer, build_encoder, init_encoder  # noqa: E402
-import torch_reference  # noqa: E402
-
-
-def _median_seconds(fn, warmup: int, repeats: int) -> float:
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
-def torch_model_like(model):
-  if isinstance(model, SwinTransformer):
-    return torch_reference.SwinTransformer(
-        img_size=model.img_size, patch_size=model.patch_size, embed_dim=model.embed_dim,
-        depths=model.depths, num_heads=model.num_heads, window_size=model.window_size)
-  return torch_reference.VisionTransformer(
-      img_size=model.img_size, patch_size=model.patch_size, embed_dim=model.embed_dim,
-      depth=model.depth, num_heads=model.num_heads)
+from moby_jax.models import build_encoder, init_encoder
+import torch_reference
 
 
 def main():
@@ -61,11 +34,11 @@ def main():
   x = np.random.default_rng(0).normal(size=(args.batch, *model.image_hw, 3)).astype(np.float32)
   x_dev = jax.device_put(x)
   forward = jax.jit(model.apply)
-  jax_s = _median_seconds(lambda: forward(variables, x_dev).block_until_ready(),
+  jax_s = median_seconds(lambda: forward(variables, x_dev).block_until_ready(),
                           args.warmup, args.repeats)
 
   device = "cuda" if torch.cuda.is_available() else "cpu"
-  net = torch_model_like(model).to(device).eval()
+  net = torch_reference.like(model).to(device).eval()
   xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(device)
   autocast = torch.autocast(device, dtype=torch.bfloat16,
                             enabled=args.dtype == "bfloat16" and device == "cuda")
@@ -76,7 +49,7 @@ def main():
     if device == "cuda":
       torch.cuda.synchronize()
 
-  torch_s = _median_seconds(torch_step, args.warmup, args.repeats)
+  torch_s = median_seconds(torch_step, args.warmup, args.repeats)
   print(f"{args.model} {model.image_hw[0]}px batch {args.batch} {args.dtype} on "
         f"{jax.devices()[0].device_kind} / torch {device}")
   print(f"  moby_jax : {args.batch / jax_s:10.1f} images/s")

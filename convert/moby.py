@@ -23,13 +23,13 @@ FORMATS = ("official",)
 def _parts(config):
   """(torch prefix, state field for params, field for batch stats, key, module) per part."""
   online, target = moby.build_branches(config)
-  head = lambda name: getattr(online, name, None)  # heads carry no buffers of their own
+  # The heads have no buffers, so they need no module (their shapes come from the state).
   return [
       ("encoder.", "params", "batch_stats", "encoder", online.encoder),
       ("encoder_k.", "target_params", "target_batch_stats", "encoder", target.encoder),
-      ("projector.", "params", "batch_stats", "projector", head("projector")),
-      ("projector_k.", "target_params", "target_batch_stats", "projector", head("projector")),
-      ("predictor.", "params", "batch_stats", "predictor", head("predictor")),
+      ("projector.", "params", "batch_stats", "projector", None),
+      ("projector_k.", "target_params", "target_batch_stats", "projector", None),
+      ("predictor.", "params", "batch_stats", "predictor", None),
   ]
 
 

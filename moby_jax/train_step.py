@@ -104,15 +104,28 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, config,
   k2, target_stats = _apply(target, target_params, target_stats, view2, tdrop2)
   k1, k2 = jax.lax.stop_gradient(k1), jax.lax.stop_gradient(k2)
 
-  def loss_fn(params):
-    q1, stats = _apply(online, params, state.batch_stats, view1, drop1)
-    q2, stats = _apply(online, params, stats, view2, drop2)
-    t = config.moby.temperature
-    loss = (moby.contrastive_loss(q1, k2, state.queue2, t)
-            + moby.contrastive_loss(q2, k1, state.queue1, t))
-    return loss, stats
+  # loss = CE(q1, k2, queue2) + CE(q2, k1, queue1): with the keys and queues fixed the two
+  # terms depend on one view each, so each view's gradient is taken on its own.
+  def view_loss(params, stats, view, rng, keys, queue):
+    q, stats = _apply(online, params, stats, view, rng)
+    return moby.contrastive_loss(q, keys, queue, config.moby.temperature), stats
 
-  (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_fn = jax.value_and_grad(view_loss, has_aux=True)
+
+  # A scan over the two views runs them one after the other, so only one view's
+  # activations are alive at a time (half the peak memory of one joint backward pass)
+  # and the online forward/backward is compiled once. View 1's BN statistics update
+  # comes first, as in PyTorch.
+  def one_view(carry, xs):
+    grads_sum, stats, loss_sum = carry
+    (loss, stats), grads = grad_fn(state.params, stats, *xs)
+    return (jax.tree.map(jnp.add, grads_sum, grads), stats, loss_sum + loss), None
+
+  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  xs = (jnp.stack([view1, view2]), jnp.stack([drop1, drop2]), jnp.stack([k2, k1]),
+        jnp.stack([state.queue2, state.queue1]))
+  (grads, batch_stats, loss), _ = jax.lax.scan(
+      one_view, (zeros, state.batch_stats, jnp.zeros((), jnp.float32)), xs)
   grad_norm = optax.tree.norm(grads)
   opt_state = optim.set_learning_rate(state.opt_state, lr)
   updates, opt_state = tx.update(grads, opt_state, state.params)

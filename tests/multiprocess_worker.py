@@ -17,15 +17,18 @@ os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={ndev}"
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-if nproc > 1:
-  jax.distributed.initialize(f"127.0.0.1:{port}", nproc, pid)
-
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 import convert  # noqa: E402
 import moby_jax  # noqa: E402
 from conftest import FIXTURES, noise_robust_config  # noqa: E402
+from moby_jax import parallel  # noqa: E402
+
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+if nproc > 1:
+  os.environ.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(nproc),
+                    JAX_PROCESS_ID=str(pid))
+parallel.initialize_distributed()
 
 BATCH = 8
 config = noise_robust_config(batch_size=BATCH)

@@ -101,11 +101,7 @@ def test_deit_small_key_set_shapes_and_param_count():
 ])
 def test_bn_ape_key_sets(fields):
   model = build_encoder(fields)
-  net = ref.SwinTransformer(img_size=model.img_size, embed_dim=model.embed_dim,
-                            depths=model.depths, num_heads=model.num_heads,
-                            window_size=model.window_size, ape=model.ape,
-                            norm_before_mlp=model.norm_before_mlp,
-                            num_classes=model.num_classes)
+  net = ref.like(model)
   shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
   shifted = [geo[-1][1] > 0 for geo in model.block_geometry()]
   assert set(shapes) == spec_swin_keys(model.depths, shifted, ape=model.ape,
@@ -144,16 +140,7 @@ def test_pytorch_loads_export_strictly_and_round_trip_is_bit_exact(fields):
   variables = init_encoder(model, jax.random.key(0))
   exported = convert.flax_to_torch(variables, model)
 
-  if "swin" in fields["name"]:
-    net = ref.SwinTransformer(img_size=model.img_size, embed_dim=model.embed_dim,
-                              depths=model.depths, num_heads=model.num_heads,
-                              window_size=model.window_size, ape=model.ape,
-                              norm_before_mlp=model.norm_before_mlp,
-                              num_classes=model.num_classes)
-  else:
-    net = ref.VisionTransformer(img_size=model.img_size, patch_size=model.patch_size,
-                                embed_dim=model.embed_dim, depth=model.depth,
-                                num_heads=model.num_heads, num_classes=model.num_classes)
+  net = ref.like(model)
   load_torch(net, exported)  # strict=True: exact key set and shapes
   x = np.random.default_rng(0).normal(size=(2, model.img_size, model.img_size, 3))
   x = x.astype(np.float32)

@@ -18,11 +18,7 @@ import torch_reference as ref
 def torch_swin_like(model, seed: int) -> ref.SwinTransformer:
   """The reference with the same architecture as a Flax Swin, random weights."""
   torch.manual_seed(seed)
-  net = ref.SwinTransformer(
-      img_size=model.img_size, patch_size=model.patch_size, num_classes=model.num_classes,
-      embed_dim=model.embed_dim, depths=model.depths, num_heads=model.num_heads,
-      window_size=model.window_size, ape=model.ape, patch_norm=model.patch_norm,
-      norm_before_mlp=model.norm_before_mlp)
+  net = ref.like(model)
   perturb_norms_(net, seed)
   return net.eval()
 

@@ -15,7 +15,6 @@ from conftest import fixture_config, nchw, noise_robust_config, rel_err
 from moby_jax import moby, optim, parallel
 from moby_jax import train_step as train_step_lib
 import torch_moby_reference as tmoby
-import torch_reference as tref
 
 # Adam normalises every gradient element to about +-lr. Where the clipped gradient is
 # below ~1e-6 it is float32 rounding noise of the backward pass (1e-7 here), its sign
@@ -116,26 +115,13 @@ def test_golden_fixture_three_steps(moby_fixture, fixture_step):
     opt_state = state.opt_state
 
 
-def torch_moby_like(config, seed):
-  torch.manual_seed(seed)
-  mk = lambda: tref.SwinTransformer(img_size=config.model.img_size, patch_size=4,
-                                    embed_dim=16, depths=(2, 2), num_heads=(2, 4),
-                                    window_size=config.model.window_size,
-                                    norm_before_mlp=config.model.norm_before_mlp)
-  m = config.moby
-  return tmoby.MoBY(mk(), mk(), 32, proj_hidden_dim=m.proj_hidden_dim, proj_dim=m.proj_dim,
-                    pred_hidden_dim=m.pred_hidden_dim, proj_layers=m.proj_layers,
-                    pred_layers=m.pred_layers, queue_size=m.queue_size,
-                    temperature=m.temperature, momentum=m.momentum,
-                    total_steps=optim.total_steps(config))
-
-
 @pytest.mark.parametrize("norm", ["ln", "bn"])
 def test_parity_with_pytorch_moby_one_step(norm):
   config = fixture_config(batch_size=8)
   config.model.norm_before_mlp = norm
   config.moby.update(queue_size=32, proj_layers=3)  # two hidden layers: indices 1,2 and 4,5
-  net = torch_moby_like(config, seed=5)
+  torch.manual_seed(5)
+  net = tmoby.like(config, total_steps=optim.total_steps(config))
   opt = tmoby.make_optimizer(net, lr=config.optim.base_lr,
                              weight_decay=config.optim.weight_decay)
   mesh = parallel.make_mesh(jax.devices()[:1])

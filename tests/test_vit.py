@@ -13,9 +13,7 @@ import torch_reference as ref
 
 def torch_vit_like(model, seed: int) -> ref.VisionTransformer:
   torch.manual_seed(seed)
-  net = ref.VisionTransformer(img_size=model.img_size, patch_size=model.patch_size,
-                              num_classes=model.num_classes, embed_dim=model.embed_dim,
-                              depth=model.depth, num_heads=model.num_heads)
+  net = ref.like(model)
   perturb_norms_(net, seed)
   return net.eval()
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import torch_reference  # noqa: F401  (backbones: SwinTransformer, VisionTransformer)
+import torch_reference
 
 
 class MLPHead(nn.Module):
@@ -160,3 +160,18 @@ def train_step(model, optimizer, view1, view2, clip_grad=5.0, lr=None) -> dict:
     optimizer.step()
     return {"loss": float(loss.detach()), "grad_norm": float(grad_norm),
             "momentum": float(model.last_momentum)}
+
+
+def like(config, total_steps):
+    """The reference MoBY with the architecture of a moby_jax config (hyperparameters only:
+    backbone, drop path rates, head widths, queue, temperature, momentum)."""
+    from moby_jax.models import build_encoder
+
+    backbone = build_encoder(config.model)
+    m = config.moby
+    return MoBY(torch_reference.like(backbone),
+                torch_reference.like(backbone, m.target_drop_path_rate),
+                backbone.num_features, proj_hidden_dim=m.proj_hidden_dim, proj_dim=m.proj_dim,
+                pred_hidden_dim=m.pred_hidden_dim, proj_layers=m.proj_layers,
+                pred_layers=m.pred_layers, queue_size=m.queue_size,
+                temperature=m.temperature, momentum=m.momentum, total_steps=total_steps)

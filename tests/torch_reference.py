@@ -341,3 +341,24 @@ class VisionTransformer(nn.Module):
     def forward(self, x):
         x = self.forward_features(x)
         return self.head(x) if self.head is not None else x
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def like(model, drop_path_rate=None):
+    """The reference with the architecture of a moby_jax backbone module (reads its fields).
+
+    Only hyperparameters are read, never weights or code. ``drop_path_rate`` defaults to
+    the module's.
+    """
+    dp = model.drop_path_rate if drop_path_rate is None else drop_path_rate
+    common = dict(img_size=model.img_size, patch_size=model.patch_size,
+                  num_classes=model.num_classes, embed_dim=model.embed_dim,
+                  mlp_ratio=model.mlp_ratio, qkv_bias=model.qkv_bias, drop_path_rate=dp)
+    if hasattr(model, "depths"):
+        return SwinTransformer(depths=tuple(model.depths), num_heads=tuple(model.num_heads),
+                               window_size=model.window_size, ape=model.ape,
+                               patch_norm=model.patch_norm,
+                               norm_before_mlp=model.norm_before_mlp, **common)
+    return VisionTransformer(depth=model.depth, num_heads=model.num_heads, **common)

@@ -19,6 +19,11 @@ trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
 zeros = nn.initializers.zeros
 
 
+def to_hw(size: int | tuple[int, int]) -> tuple[int, int]:
+  """An image size given as one int (square) or (H, W) -> (H, W)."""
+  return (size, size) if isinstance(size, int) else tuple(size)
+
+
 def dense(features: int, name: str, dtype: Dtype, use_bias: bool = True) -> nn.Dense:
   """A Linear layer with the original init, fp32 params and `dtype` compute."""
   return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,

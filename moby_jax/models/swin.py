@@ -171,8 +171,7 @@ class SwinTransformer(nn.Module):
 
   @property
   def image_hw(self) -> tuple[int, int]:
-    s = self.img_size
-    return (s, s) if isinstance(s, int) else tuple(s)
+    return layers.to_hw(self.img_size)
 
   @property
   def num_features(self) -> int:

@@ -1,0 +1,141 @@
+"""Throughput of the MoBY train step: moby_jax vs an independent PyTorch MoBY, same machine.
+
+  python bench/train_step.py --config moby_swin_tiny --batch 64 --dtype float32
+  python bench/train_step.py --config moby_deit_small --batch 256 --dtype bfloat16
+
+Each framework runs in its own child process (so peak RSS is its own): build the model,
+`--warmup` untimed steps (compilation included there), then the median of `--repeats`
+timed steps. Prints image pairs/s, step time, peak host RSS, and for JAX the model FLOPs
+per step (XLA's cost analysis of the compiled step) and MFU when the accelerator's peak
+is known (or given with --peak-tflops). The views are random normalised images fed as
+device arrays, and per-pixel augmentation is off in both, so the model step alone is
+measured. PyTorch uses tests/torch_moby_reference.py with the same architecture, batch
+and optimizer (bf16 autocast on CUDA when --dtype bfloat16).
+"""
+
+import argparse
+import importlib
+import json
+import resource
+import subprocess
+import sys
+
+from common import median_seconds  # sets the import paths
+
+# Dense bf16 peak per device, TFLOP/s (vendor datasheets).
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0,
+               "TPU v5p": 459.0, "TPU v5 lite": 197.0}
+
+
+def load_config(args):
+  config = importlib.import_module(f"configs.{args.config}").get_config(args.arg)
+  config.data.batch_size = args.batch
+  config.model.dtype = args.dtype
+  config.augment.on_device = False
+  config.moby.queue_size = max(config.moby.queue_size // args.batch, 1) * args.batch
+  return config
+
+
+def bench_jax(args) -> dict:
+  import jax
+  import numpy as np
+  import moby_jax
+  from moby_jax import parallel
+
+  config = load_config(args)
+  mesh = parallel.make_mesh()
+  state = moby_jax.create_train_state(config, jax.random.key(0), mesh)
+  step = moby_jax.make_train_step(config, mesh)
+  size = config.model.img_size
+  rng = np.random.default_rng(0)
+  batch = parallel.to_global(
+      {k: rng.normal(size=(args.batch, size, size, 3)).astype(np.float32)
+       for k in ("view1", "view2")}, mesh)
+  flops = step.jitted.lower(state, batch).compile().cost_analysis()
+  flops = (flops[0] if isinstance(flops, list) else flops or {}).get("flops")
+  holder = {"state": state}
+
+  def run_step():
+    holder["state"], metrics = step(holder["state"], batch)
+    metrics["loss"].block_until_ready()
+
+  seconds = median_seconds(run_step, args.warmup, args.repeats)
+  kind = jax.devices()[0].device_kind
+  peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
+  out = dict(framework="jax", device=f"{jax.device_count()} x {kind}", seconds=seconds,
+             pairs_per_s=args.batch / seconds, flops_per_step=flops)
+  if peak and flops:
+    out["mfu"] = flops / seconds / (peak * 1e12 * jax.device_count())
+  return out
+
+
+def bench_torch(args) -> dict:
+  import torch
+  import torch_moby_reference as tmoby
+
+  config = load_config(args)
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  net = tmoby.like(config, total_steps=1_000_000).to(device)
+  opt = tmoby.make_optimizer(net, lr=1e-4, weight_decay=config.optim.weight_decay)
+  size = config.model.img_size
+  views = [torch.randn(args.batch, 3, size, size, device=device) for _ in range(2)]
+  autocast = torch.autocast(device, dtype=torch.bfloat16,
+                            enabled=args.dtype == "bfloat16" and device == "cuda")
+
+  def run_step():
+    with autocast:
+      tmoby.train_step(net, opt, views[0], views[1], clip_grad=config.optim.clip_grad)
+    if device == "cuda":
+      torch.cuda.synchronize()
+
+  seconds = median_seconds(run_step, args.warmup, args.repeats)
+  name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+  return dict(framework="torch", device=name, seconds=seconds, pairs_per_s=args.batch / seconds)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--config", default="moby_swin_tiny", help="a module of configs/")
+  parser.add_argument("--arg", default=None, help="get_config argument, e.g. runlocal")
+  parser.add_argument("--batch", type=int, default=64, help="global batch (image pairs)")
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--peak-tflops", type=float, default=None,
+                      help="per-device peak for MFU when the device is not in the table")
+  parser.add_argument("--only", choices=["jax", "torch"], default=None,
+                      help="run one framework in this process (used by the parent)")
+  args = parser.parse_args()
+
+  if args.only:
+    result = (bench_jax if args.only == "jax" else bench_torch)(args)
+    result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    print("RESULT " + json.dumps(result))
+    return
+
+  results = {}
+  for framework in ("jax", "torch"):
+    cmd = [sys.executable, __file__, "--only", framework] + sys.argv[1:]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode or not lines:
+      print(f"{framework} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+      sys.exit(1)
+    results[framework] = json.loads(lines[-1][len("RESULT "):])
+
+  print(f"MoBY step, {args.config} ({args.arg or 'default'}), global batch {args.batch}, "
+        f"{args.dtype}, median of {args.repeats} after {args.warmup} warm-up steps")
+  for name, r in results.items():
+    extra = ""
+    if r.get("flops_per_step"):
+      extra += f"  {r['flops_per_step'] / 1e12:.2f} TFLOP/step"
+    if "mfu" in r:
+      extra += f"  MFU {100 * r['mfu']:.1f}%"
+    print(f"  {name:6s} {r['device']:>24s}: {r['pairs_per_s']:9.2f} pairs/s  "
+          f"{r['seconds'] * 1e3:9.1f} ms/step  peak RSS {r['peak_rss_gib']:.2f} GiB{extra}")
+  ratio = results["jax"]["pairs_per_s"] / results["torch"]["pairs_per_s"]
+  print(f"  ratio jax / torch: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+  main()
