@@ -314,3 +314,33 @@ def test_create_train_state_and_encode(moby_fixture):
   assert feats_k.shape == (4, 32)
   with pytest.raises(ValueError, match="branch"):
     moby_jax.encode(state, moby_fixture["features/input_nhwc"], config, "momentum")
+
+
+def test_sgd_nesterov_matches_pytorch():
+  """Linear-evaluation optimizer: clip, then SGD with Nesterov momentum 0.9 (SPEC §4)."""
+  import ml_collections
+  config = ml_collections.ConfigDict(dict(optim=dict(
+      name="sgd", momentum=0.9, weight_decay=1e-4, clip_grad=5.0)))
+  rng = np.random.default_rng(0)
+  params = {"head": {"kernel": rng.normal(size=(6, 4)).astype(np.float32),
+                     "bias": rng.normal(size=(4,)).astype(np.float32)}}
+  grads = [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32) * 3, params)
+           for _ in range(3)]
+  tx = optim.make_optimizer(config)
+  opt_state, ours = tx.init(params), params
+  w = torch.nn.Parameter(torch.from_numpy(params["head"]["kernel"].T.copy()))
+  b = torch.nn.Parameter(torch.from_numpy(params["head"]["bias"].copy()))
+  # PyTorch: no decay on the bias (1-D), decay on the weight.
+  sgd = torch.optim.SGD([{"params": [w], "weight_decay": 1e-4},
+                         {"params": [b], "weight_decay": 0.0}], lr=0.1, momentum=0.9,
+                        nesterov=True)
+  for g in grads:
+    opt_state = optim.set_learning_rate(opt_state, 0.1)
+    updates, opt_state = tx.update(g, opt_state, ours)
+    ours = jax.tree.map(lambda p, u: p + u, ours, updates)
+    w.grad = torch.from_numpy(g["head"]["kernel"].T.copy())
+    b.grad = torch.from_numpy(g["head"]["bias"].copy())
+    torch.nn.utils.clip_grad_norm_([w, b], 5.0)
+    sgd.step()
+  np.testing.assert_allclose(ours["head"]["kernel"], w.detach().numpy().T, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(ours["head"]["bias"], b.detach().numpy(), rtol=1e-5, atol=1e-6)
