@@ -31,6 +31,30 @@ def check_config(config, num_devices: int) -> None:
   optim.check_schedule(config)
 
 
+def check_batch(batch, config, image_hw: tuple[int, int]) -> None:
+  """Raises ValueError, naming the config fields, for a batch the step cannot take.
+
+  Host arrays are this process's slice of the global batch; jax arrays are global.
+  """
+  if set(batch) != {"view1", "view2"}:
+    raise ValueError(f"a batch is {{'view1', 'view2'}}, got keys {sorted(batch)}")
+  want_dtype = "uint8" if config.augment.on_device else "float32"
+  for name in ("view1", "view2"):
+    x = batch[name]
+    is_global = isinstance(x, jax.Array) and not x.is_fully_addressable
+    rows = config.data.batch_size // (1 if is_global else jax.process_count())
+    want = (rows, *image_hw, 3)
+    if tuple(x.shape) != want:
+      raise ValueError(f"batch[{name!r}] has shape {tuple(x.shape)}, expected {want} "
+                       f"(data.batch_size {config.data.batch_size} over "
+                       f"{jax.process_count()} process(es), model.img_size)")
+    if str(x.dtype) != want_dtype:
+      raise ValueError(f"batch[{name!r}] is {x.dtype}, expected {want_dtype}: "
+                       f"config.augment.on_device={config.augment.on_device} takes "
+                       + ("uint8 crops" if config.augment.on_device
+                          else "float32 normalised views"))
+
+
 def _init_state(config, rng) -> TrainState:
   online, _ = moby.build_branches(config)
   init_rng, q1_rng, q2_rng = jax.random.split(rng, 3)
@@ -166,6 +190,7 @@ def make_train_step(config, mesh: Mesh | None = None):
                    out_shardings=(state_sh, parallel.replicated(mesh)), donate_argnums=0)
 
   def step(state: TrainState, batch: dict[str, Any]):
+    check_batch(batch, config, online.encoder.image_hw)
     return jitted(state, parallel.to_global(batch, mesh))
 
   step.jitted = jitted

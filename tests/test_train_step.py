@@ -344,3 +344,18 @@ def test_sgd_nesterov_matches_pytorch():
     sgd.step()
   np.testing.assert_allclose(ours["head"]["kernel"], w.detach().numpy().T, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(ours["head"]["bias"], b.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_batch_raises_before_compiling(moby_fixture, fixture_step):
+  config, mesh, step = fixture_step
+  state = fixture_state(moby_fixture, "init/", config, mesh=mesh)
+  views = {"view1": moby_fixture["step1/view1_nhwc"], "view2": moby_fixture["step1/view2_nhwc"]}
+  with pytest.raises(ValueError, match=r"expected uint8|expected float32"):
+    step(state, {k: (v * 255).astype(np.uint8) for k, v in views.items()})
+  with pytest.raises(ValueError, match=r"shape \(2, 32, 32, 3\), expected \(4, 32, 32, 3\)"):
+    step(state, {k: v[:2] for k, v in views.items()})
+  with pytest.raises(ValueError, match=r"got keys \['view1'\]"):
+    step(state, {"view1": views["view1"]})
+  # The state was not consumed by the refused calls.
+  state, metrics = step(state, views)
+  assert rel_err(metrics["loss"], moby_fixture["step1/loss"]) < 1e-5
