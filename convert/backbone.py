@@ -8,14 +8,13 @@ non-learned buffers (`relative_position_index`, and `attn_mask` on shifted block
 computed from the model geometry on export and validated, not trusted, on import.
 """
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from flax import traverse_util
 
-from moby_jax.models import abstract_variables
+from moby_jax.models import abstract_variables, layers
 from moby_jax.models.swin import SwinTransformer, relative_position_index, shifted_window_mask
 
 # (collection, flax leaf name, ndim or None for any) -> (torch leaf name, axes to torch)
@@ -36,10 +35,6 @@ class StateDictMismatch(ValueError):
   """A state_dict does not fit the model; the message lists every offending key."""
 
 
-def _module_path(path: tuple[str, ...]) -> str:
-  return ".".join(re.sub(r"_(\d+)$", r".\1", p) for p in path)
-
-
 def _leaf_rule(collection: str, leaf: str, ndim: int):
   for key in ((collection, leaf, ndim), (collection, leaf, None)):
     if key in LEAF_TABLE:
@@ -51,7 +46,7 @@ def _leaf_rule(collection: str, leaf: str, ndim: int):
 
 def _torch_name(collection: str, path: tuple[str, ...], ndim: int):
   name, axes = _leaf_rule(collection, path[-1], ndim)
-  prefix = _module_path(path[:-1])
+  prefix = layers.torch_name(path[:-1])
   return (f"{prefix}.{name}" if prefix else name), axes
 
 

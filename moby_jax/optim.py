@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
+from moby_jax.models import layers
+
 
 def scaled_lrs(config) -> tuple[float, float, float]:
   """(base, warmup, min) LR scaled linearly by global_batch / optim.reference_batch (512)."""
@@ -54,12 +56,6 @@ def lr_schedule(config) -> Callable[[jax.Array], jax.Array]:
   return schedule
 
 
-def _flat_names(params) -> dict[tuple[str, ...], str]:
-  """Flax path -> PyTorch-style dotted name (`layers_0` -> `layers.0`)."""
-  return {path: ".".join(re.sub(r"_(\d+)$", r".\1", p) for p in path)
-          for path in traverse_util.flatten_dict(params)}
-
-
 def moby_decay_mask(params) -> Any:
   """MoBY pre-training: no decay for 1-D parameters and biases; all else decays.
 
@@ -79,10 +75,9 @@ def backbone_decay_mask(params) -> Any:
   """Supervised/linear training of a bare backbone: the MoBY mask plus Swin's
   `absolute_pos_embed` and `relative_position_bias_table` and DeiT's `pos_embed` and
   `cls_token` lists."""
-  flat = traverse_util.flatten_dict(params)
-  names = _flat_names(params)
-  mask = {path: leaf.ndim > 1 and path[-1] != "bias"
-          and not _BACKBONE_NO_DECAY.search(names[path]) for path, leaf in flat.items()}
+  flat = traverse_util.flatten_dict(moby_decay_mask(params))
+  mask = {path: decays and not _BACKBONE_NO_DECAY.search(layers.torch_name(path))
+          for path, decays in flat.items()}
   return traverse_util.unflatten_dict(mask)
 
 

@@ -5,6 +5,7 @@ Module and parameter names follow the original PyTorch names (``fc1``/``fc2``,
 one table.
 """
 
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -17,6 +18,12 @@ Dtype = Any
 # weights and learned embeddings, zeros for biases.
 trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
 zeros = nn.initializers.zeros
+
+
+def torch_name(path: tuple[str, ...]) -> str:
+  """A Flax module path as the original PyTorch dotted name: `layers_0/blocks_1` ->
+  `layers.0.blocks.1` (modules are named `name_N` where PyTorch has `name.N`)."""
+  return ".".join(re.sub(r"_(\d+)$", r".\1", p) for p in path)
 
 
 def to_hw(size: int | tuple[int, int]) -> tuple[int, int]:
