@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convert.backbone import StateDictMismatch, flax_to_torch, to_numpy, torch_to_flax
+from convert.backbone import (StateDictMismatch, expected_torch_shapes, flax_to_torch, to_numpy,
+                              torch_to_flax)
 from moby_jax import moby, optim, parallel
 from moby_jax.state import TrainState
 from moby_jax.train_step import abstract_state, check_config
@@ -53,6 +54,18 @@ def to_pytorch(state: TrainState, config, fmt: str = "official") -> dict[str, An
   sd["queue2"] = np.ascontiguousarray(np.asarray(state.queue2).T)
   sd["queue_ptr"] = np.asarray([state.queue_ptr], np.int64)
   return {"model": sd}
+
+
+def expected_shapes(config) -> dict[str, tuple[int, ...]]:
+  """Every key of the official checkpoint for `config`, with its shape (nothing computed)."""
+  abstract = abstract_state(config)
+  shapes = {}
+  for prefix, params_field, stats_field, key, module in _parts(config):
+    shapes.update(expected_torch_shapes(
+        module, prefix, abstract=_variables(abstract, params_field, stats_field, key)))
+  rows, dim = abstract.queue1.shape
+  shapes.update(queue1=(dim, rows), queue2=(dim, rows), queue_ptr=(1,))
+  return shapes
 
 
 def from_pytorch(checkpoint: Mapping[str, Any], config, step: int = 0,
