@@ -1,52 +1,34 @@
-"""moby_jax entry point: `python train.py --config CONFIG_FILE --workdir DIR`.
+"""moby_jax entry point: `python train.py --config CONFIG_FILE[:ARG] --workdir DIR`.
 
-Pre-training and linear evaluation are not implemented yet (see the project's open
-issues). For now the entry point builds the backbone the config names, initialises it,
-runs a forward pass on a generated batch and prints the feature shape, the parameter
-count and the throughput: a check that the installation and the config work.
+Runs the task the config names: `moby` (self-supervised pre-training) or `linear`
+(linear evaluation of a pre-trained encoder). Override any field on the command line,
+e.g. `--config.train.epochs=100`; unknown fields are an error (configs are locked).
+A run resumes from the latest complete checkpoint in DIR; SIGTERM makes it save at the
+next step and exit 0.
 """
 
-import json
-import pathlib
-import time
-
 from absl import app, flags
-import jax
-import jax.numpy as jnp
 from ml_collections import config_flags
 
-from moby_jax.models import build_encoder, init_encoder
-
-config_flags.DEFINE_config_file("config", None, "Path to a config file (get_config(arg)).",
+config_flags.DEFINE_config_file("config", None, "Config file (get_config(arg)); FILE:ARG "
+                                "passes ARG, e.g. configs/moby_swin_tiny.py:epochs=100.",
                                 lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for outputs.")
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # After flag parsing, so that --help is fast and jax sees the environment.
+  from moby_jax import parallel, trainer
+  parallel.initialize_distributed()
   config = flags.FLAGS.config
-  workdir = pathlib.Path(flags.FLAGS.workdir)
-  model = build_encoder(config.model)
-  variables = init_encoder(model, jax.random.key(config.seed))
-  n_params = sum(x.size for x in jax.tree.leaves(variables["params"]))
-  batch = jax.random.normal(jax.random.key(config.seed + 1),
-                            (config.data.batch_size, *model.image_hw, 3))
-  forward = jax.jit(model.apply)
-  features = forward(variables, batch).block_until_ready()  # compiles
-  start = time.perf_counter()
-  features = forward(variables, batch).block_until_ready()
-  seconds = time.perf_counter() - start
-  summary = dict(model=config.model.name, params=int(n_params),
-                 feature_shape=list(features.shape),
-                 images_per_second=round(config.data.batch_size / seconds, 1),
-                 devices=[str(d) for d in jax.devices()])
-  print(f"{config.model.name}: {n_params:,} parameters; features {tuple(features.shape)} "
-        f"for a batch of {config.data.batch_size}; {summary['images_per_second']} images/s "
-        f"on {jax.devices()[0].platform}")
-  assert bool(jnp.all(jnp.isfinite(features))), "non-finite features"
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "forward_check.json").write_text(json.dumps(summary, indent=2))
+  tasks = {"moby": trainer.pretrain, "linear": trainer.linear_eval}
+  task = config.get("task", None)
+  if task not in tasks:
+    raise app.UsageError(f"config.task must be one of {sorted(tasks)}, got {task!r}")
+  tasks[task](config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,38 @@ def parse_arg(arg: str | None) -> dict[str, str]:
   return out
 
 
+def data_config(**overrides) -> ml_collections.ConfigDict:
+  """data.*: the source and the host-side loader."""
+  return ml_collections.ConfigDict(dict(dict(
+      dataset="imagenet2012",  # a TFDS name, "folder" (data.path) or "embedded"
+      path="",                 # folder: <path>/train/<class>/<image>, <path>/val/...
+      data_dir="",             # TFDS data_dir ("" = TFDS default)
+      batch_size=512,          # the global batch, over all devices and hosts
+      num_train_examples=0,    # set from the training split when it differs
+      crop_scale=(0.08, 1.0),  # RandomResizedCrop area range
+      num_workers=16,          # decode threads per process
+      prefetch_batches=4), **overrides))
+
+
+def train_config(num_train_examples, batch_size, **overrides) -> ml_collections.ConfigDict:
+  """train.*: schedule length, seed, logging and checkpoint cadence."""
+  c = ml_collections.ConfigDict(dict(dict(
+      epochs=300, warmup_epochs=5, seed=0, log_every_steps=50,
+      checkpoint_every_steps=1000, keep_checkpoints=3), **overrides))
+  # The loader drops the last partial batch of each epoch.
+  c.steps_per_epoch = num_train_examples // batch_size
+  return c
+
+
+def eval_config(**overrides) -> ml_collections.ConfigDict:
+  """eval.*: kNN (k, temperature as in DINO) and the quick linear probe of eval.enabled."""
+  return ml_collections.ConfigDict(dict(dict(
+      enabled=False, knn_every_epochs=0, knn_k=20, knn_temperature=0.07,
+      linear=ml_collections.ConfigDict(dict(
+          epochs=10, warmup_epochs=1, batch_size=256, base_lr=1.0, label_smoothing=0.1))),
+      **overrides))
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = parse_arg(arg)
   c = ml_collections.ConfigDict()
@@ -39,15 +71,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       betas=(0.9, 0.999), eps=1e-8, clip_grad=5.0,
       reference_batch=512))  # LRs are scaled by data.batch_size / reference_batch
 
-  c.data = ml_collections.ConfigDict(dict(
-      dataset="imagenet2012", batch_size=512,  # global batch, over all devices and hosts
-      num_train_examples=1_281_167))
+  c.data = data_config(dataset="imagenet2012", batch_size=512,  # global, all hosts
+                       num_train_examples=1_281_167)
 
-  c.train = ml_collections.ConfigDict(dict(epochs=int(args.get("epochs", 300)),
-                                           warmup_epochs=5, seed=0))
-  # The loader drops the last partial batch.
-  c.train.steps_per_epoch = (c.data.get_ref("num_train_examples")
-                             // c.data.get_ref("batch_size"))
+  c.train = train_config(epochs=int(args.get("epochs", 300)), warmup_epochs=5,
+                         num_train_examples=c.data.get_ref("num_train_examples"),
+                         batch_size=c.data.get_ref("batch_size"))
+
+  # eval.enabled: after pre-training, kNN and linear probe of the pre-trained encoder and
+  # of the same encoder at initialisation, results.json and a .pth export (meant for small
+  # data; on ImageNet run configs/linear_swin_tiny.py instead). eval.knn_every_epochs: a
+  # kNN monitor on the val split during pre-training (0: off).
+  c.eval = eval_config(enabled=False, knn_every_epochs=0)
 
   # Per-pixel augmentations inside the jitted step (uint8 crops in the batch); False
   # expects float32 normalised views from the host.
@@ -59,6 +94,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if "runlocal" in args:
     c.model.update(name="swin_mu", img_size=32, window_size=4, dtype="float32")
     c.moby.update(queue_size=256, proj_hidden_dim=128, pred_hidden_dim=128, proj_dim=32)
-    c.data.update(batch_size=16, num_train_examples=1024)
-    c.train.update(epochs=2, warmup_epochs=1)
+    c.data.update(dataset="embedded", batch_size=16, num_workers=2)
+    c.train.update(epochs=2, warmup_epochs=1, log_every_steps=10, checkpoint_every_steps=100)
   return c

@@ -10,8 +10,17 @@ import pathlib
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
+import tempfile
+
+import jax
 import numpy as np
 import pytest
+
+# Tests that run the same program twice (determinism, resume, linear evaluation from two
+# sources) reuse the compiled executables through JAX's persistent compilation cache.
+jax.config.update("jax_compilation_cache_dir",
+                  os.path.join(tempfile.gettempdir(), "moby_jax_test_xla_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 

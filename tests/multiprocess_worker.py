@@ -1,16 +1,19 @@
-"""One process of a `jax.distributed` MoBY run on 127.0.0.1 (used by test_multiprocess.py).
+"""One process of a `jax.distributed` run on 127.0.0.1 (used by test_multiprocess.py).
 
-  python multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT LOCAL_DEVICES OUT.npz
+  python multiprocess_worker.py step PROCESS_ID NUM_PROCESSES PORT LOCAL_DEVICES OUT.npz
+  python multiprocess_worker.py program PROCESS_ID NUM_PROCESSES PORT LOCAL_DEVICES DATA WORKDIR
 
-Runs 3 steps of the golden-fixture model on a global batch of 8 (this process feeds its
-own slice) and, from process 0, writes the losses and both queues to OUT.npz.
+`step`: 3 train steps of the golden-fixture model on a global batch of 8 (this process
+feeds its own slice); process 0 writes the losses and both queues to OUT.npz.
+`program`: the training program (trainer.pretrain) on the tiny test config of
+test_program.py, for one epoch of the image folder DATA, checkpointing into WORKDIR.
 """
 
 import os
 import pathlib
 import sys
 
-pid, nproc, port, ndev, out = sys.argv[1:6]
+mode, pid, nproc, port, ndev = sys.argv[1:6]
 pid, nproc, ndev = int(pid), int(nproc), int(ndev)
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={ndev}"
 
@@ -22,31 +25,42 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 import convert  # noqa: E402
 import moby_jax  # noqa: E402
 from conftest import FIXTURES, noise_robust_config  # noqa: E402
-from moby_jax import parallel  # noqa: E402
+from moby_jax import parallel, trainer  # noqa: E402
 
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 if nproc > 1:
   os.environ.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(nproc),
                     JAX_PROCESS_ID=str(pid))
 parallel.initialize_distributed()
-
-BATCH = 8
-config = noise_robust_config(batch_size=BATCH)
-fx = np.load(FIXTURES / "moby_tiny_swin.npz")
-state = convert.from_pytorch({k[5:]: fx[k] for k in fx.files if k.startswith("init/")}, config)
-step = moby_jax.make_train_step(config)
 assert jax.device_count() == nproc * ndev
 
-rng = np.random.default_rng(7)
-local = slice(pid * BATCH // nproc, (pid + 1) * BATCH // nproc)
-losses = []
-for _ in range(3):
-  views = [rng.normal(size=(BATCH, 32, 32, 3)).astype(np.float32) for _ in range(2)]
-  state, metrics = step(state, {"view1": views[0][local], "view2": views[1][local]})
-  losses.append(float(metrics["loss"].addressable_data(0)))
 
-local_value = lambda x: np.asarray(x.addressable_data(0))
-if pid == 0:
-  np.savez(out, losses=np.asarray(losses), queue1=local_value(state.queue1),
-           queue2=local_value(state.queue2), queue_ptr=local_value(state.queue_ptr))
-print(f"process {pid}/{nproc}: losses {losses}")
+def run_steps(out):
+  batch = 8
+  config = noise_robust_config(batch_size=batch)
+  fx = np.load(FIXTURES / "moby_tiny_swin.npz")
+  state = convert.from_pytorch({k[5:]: fx[k] for k in fx.files if k.startswith("init/")},
+                               config)
+  step = moby_jax.make_train_step(config)
+  rng = np.random.default_rng(7)
+  local = slice(pid * batch // nproc, (pid + 1) * batch // nproc)
+  losses = []
+  for _ in range(3):
+    views = [rng.normal(size=(batch, 32, 32, 3)).astype(np.float32) for _ in range(2)]
+    state, metrics = step(state, {"view1": views[0][local], "view2": views[1][local]})
+    losses.append(float(metrics["loss"].addressable_data(0)))
+  local_value = lambda x: np.asarray(x.addressable_data(0))
+  if pid == 0:
+    np.savez(out, losses=np.asarray(losses), queue1=local_value(state.queue1),
+             queue2=local_value(state.queue2), queue_ptr=local_value(state.queue_ptr))
+  print(f"process {pid}/{nproc}: losses {losses}")
+
+
+def run_program(data, workdir):
+  from test_program import tiny_config
+  summary = trainer.pretrain(tiny_config(data, epochs=1), workdir)
+  assert summary["step"] == 3, summary
+  print(f"process {pid}/{nproc}: {summary}")
+
+
+{"step": run_steps, "program": run_program}[mode](*sys.argv[6:])

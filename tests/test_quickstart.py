@@ -1,27 +1,68 @@
-"""The README's quick-start command runs and reports what it says."""
+"""The README's quick-start command: pre-training on the embedded data, evaluation, export."""
 
 import json
 import pathlib
+import signal
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+COMMAND = [sys.executable, "train.py", "--config", "configs/quickstart.py"]
+# A shortened quick start: the same program and outputs in a fraction of the time.
+SHORT = ["--config.train.epochs=2", "--config.train.warmup_epochs=1",
+         "--config.eval.knn_every_epochs=1", "--config.eval.linear.epochs=1",
+         "--config.train.log_every_steps=1"]
 
 
-def test_quickstart_command(tmp_path):
-  result = subprocess.run(
-      [sys.executable, "train.py", "--config", "configs/quickstart.py", "--workdir",
-       str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr
-  assert "swin_mu: 35,612 parameters; features (8, 32)" in result.stdout
-  summary = json.loads((tmp_path / "forward_check.json").read_text())
-  assert summary["feature_shape"] == [8, 32] and summary["params"] == 35_612
+def run(workdir, *extra, timeout=900):
+  return subprocess.run([*COMMAND, "--workdir", str(workdir), *extra], cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_short_quickstart_writes_results_and_resumes_after_sigterm(tmp_path):
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen([*COMMAND, "--workdir", str(workdir), *SHORT], cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  output = []
+  for line in proc.stdout:
+    output.append(line)
+    if line.startswith("step 2/"):
+      proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=900) == 0, "".join(output)  # preemption is not a failure
+  assert "stop requested (SIGTERM)" in "".join(output)
+  assert not (workdir / "results.json").exists()
+
+  result = run(workdir, *SHORT)
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert "resumed from" in result.stdout
+  results = json.loads((workdir / "results.json").read_text())
+  for key in ("knn_top1", "knn_top1_init", "linear_top1", "linear_top1_init",
+              "pretrain_steps", "seconds"):
+    assert key in results
+  for key in ("knn_top1", "knn_top1_init", "linear_top1", "linear_top1_init"):
+    assert 0 <= results[key] <= 100
+  steps_per_epoch = json.loads((workdir / "config.json").read_text())["train"][
+      "steps_per_epoch"]
+  assert results["pretrain_steps"] == 2 * steps_per_epoch
+  assert "kNN (pre-trained encoder)" in result.stdout
+  assert (workdir / "moby_official.pth").is_file()
+  assert list((workdir / "tensorboard").iterdir())
+  assert (workdir / "config.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_full_quickstart_beats_the_random_encoder(tmp_path, seed):
+  result = run(tmp_path, f"--config.train.seed={seed}", timeout=1200)
+  assert result.returncode == 0, result.stdout + result.stderr
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert results["knn_top1"] >= results["knn_top1_init"] + 10, results
+  assert results["seconds"] < 600, results
 
 
 def test_bad_config_field_fails_with_a_clear_message(tmp_path):
-  result = subprocess.run(
-      [sys.executable, "train.py", "--config", "configs/quickstart.py", "--workdir",
-       str(tmp_path), "--config.model.img_size=36"], cwd=ROOT, capture_output=True,
-      text=True, timeout=600)
+  result = run(tmp_path, "--config.model.img_size=36", timeout=300)
   assert result.returncode != 0
   assert "model.img_size" in result.stderr and "36x36" in result.stderr

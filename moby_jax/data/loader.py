@@ -115,21 +115,27 @@ def _host_augment(config):
   return apply
 
 
+def _crop_rows(config, source, count: int) -> grain.MapDataset:
+  """(t, `count` random crops of row t's example, its label, bad index) per global row."""
+  size, scale = config.model.img_size, tuple(config.data.crop_scale)
+
+  def example(pair, rng):
+    t, index = pair
+    crops, label, bad = _read(source, int(index), lambda image: transforms.random_crops(
+        image, rng, size, count, scale=scale))
+    return t, crops, label, bad
+
+  return _train_rows(source, config.train.steps_per_epoch * config.data.batch_size,
+                     config.train.seed).random_map(example, seed=config.train.seed)
+
+
 def pretrain_loader(config, source=None) -> Loader:
   """MoBY batches for this process: {"view1", "view2": uint8 (b, S, S, 3) crops (float32
   normalised views when augment.on_device is false), "row": int64 global row, "bad":
   int32 unreadable source index or -1}; b = data.batch_size / process count."""
   source = build_source(config.data, "train") if source is None else source
-  size, scale = config.model.img_size, tuple(config.data.crop_scale)
-
-  def example(pair, rng):
-    t, index = pair
-    crops, _, bad = _read(source, int(index), lambda image: transforms.random_crops(
-        image, rng, size, 2, scale=scale))
-    return {"view1": crops[0], "view2": crops[1], "row": np.int64(t), "bad": np.int32(bad)}
-
-  rows = _train_rows(source, config.train.steps_per_epoch * config.data.batch_size,
-                     config.train.seed).random_map(example, seed=config.train.seed)
+  rows = _crop_rows(config, source, 2).map(lambda e: {
+      "view1": e[1][0], "view2": e[1][1], "row": np.int64(e[0]), "bad": np.int32(e[3])})
   host_fn = None if config.augment.on_device else _host_augment(config)
   return Loader(_per_process(rows, config.data.batch_size, config), source, host_fn)
 
@@ -138,16 +144,8 @@ def linear_train_loader(config, source=None) -> Loader:
   """Linear-evaluation training batches (SPEC §3): {"image": uint8 RandomResizedCrop +
   flip, "label": int32, "bad": int32}, ordered like `pretrain_loader`."""
   source = build_source(config.data, "train") if source is None else source
-  size, scale = config.model.img_size, tuple(config.data.crop_scale)
-
-  def example(pair, rng):
-    _, index = pair
-    crops, label, bad = _read(source, int(index), lambda image: transforms.random_crops(
-        image, rng, size, 1, scale=scale))
-    return {"image": crops[0], "label": np.int32(label), "bad": np.int32(bad)}
-
-  rows = _train_rows(source, config.train.steps_per_epoch * config.data.batch_size,
-                     config.train.seed).random_map(example, seed=config.train.seed)
+  rows = _crop_rows(config, source, 1).map(lambda e: {
+      "image": e[1][0], "label": np.int32(e[2]), "bad": np.int32(e[3])})
   return Loader(_per_process(rows, config.data.batch_size, config), source)
 
 

@@ -1,0 +1,106 @@
+"""Run logging: console progress lines and TensorBoard event files (process 0 only)."""
+
+import json
+import math
+import pathlib
+import signal
+import time
+
+import jax
+import numpy as np
+
+
+class MetricLogger:
+  """Prints `step/total epoch loss lr ... pairs/s data% ETA` lines and writes every scalar
+  to TensorBoard (`WORKDIR/tensorboard`) and, one JSON object per line, to
+  `WORKDIR/metrics.jsonl`."""
+
+  def __init__(self, workdir, total_steps: int, steps_per_epoch: int, batch_size: int,
+               unit: str = "pairs"):
+    self.total_steps = total_steps
+    self.steps_per_epoch = steps_per_epoch
+    self.batch_size = batch_size
+    self.unit = unit
+    self.main = jax.process_index() == 0
+    self.writer = self.jsonl = None
+    if self.main:
+      from tensorboardX import SummaryWriter
+      self.writer = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+      self.jsonl = open(pathlib.Path(workdir) / "metrics.jsonl", "a")
+    self._reset(time.perf_counter())
+
+  def _reset(self, now: float) -> None:
+    self._window_start, self._window_steps, self._data_seconds = now, 0, 0.0
+
+  def record_step(self, data_seconds: float) -> None:
+    """Counts one step and the seconds it waited for its batch."""
+    self._window_steps += 1
+    self._data_seconds += data_seconds
+
+  def scalars(self, step: int, values: dict) -> None:
+    if self.writer is not None:
+      values = {name: float(value) for name, value in values.items()}
+      for name, value in values.items():
+        self.writer.add_scalar(name, value, step)
+      self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+      self.jsonl.flush()
+
+  def log(self, step: int, metrics: dict) -> None:
+    """Prints a progress line for the steps since the last call and writes the scalars."""
+    now = time.perf_counter()
+    elapsed = max(now - self._window_start, 1e-9)
+    steps_per_s = self._window_steps / elapsed
+    extra = {f"{self.unit}_per_s": steps_per_s * self.batch_size,
+             "data_wait": self._data_seconds / elapsed}
+    self.scalars(step, {**metrics, **extra})
+    if self.main:
+      eta = (self.total_steps - step) / steps_per_s if steps_per_s > 0 else math.inf
+      parts = [f"step {step}/{self.total_steps}", f"epoch {step / self.steps_per_epoch:.2f}"]
+      parts += [f"{k} {_fmt(v)}" for k, v in metrics.items()]
+      parts += [f"{self.unit}/s {extra[f'{self.unit}_per_s']:.1f}",
+                f"data {100 * extra['data_wait']:.0f}%", f"ETA {_duration(eta)}"]
+      print(" | ".join(parts), flush=True)
+    self._reset(now)
+
+  def close(self) -> None:
+    if self.writer is not None:
+      self.writer.close()
+      self.jsonl.close()
+
+
+def _fmt(value) -> str:
+  value = float(value)
+  if value == int(value) and abs(value) < 1e6:
+    return str(int(value))
+  return f"{value:.4g}"
+
+
+def _duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class StopRequest:
+  """SIGTERM (preemption) sets a flag; the loop checks it once per step, saves and exits.
+
+  With several processes, a stop seen by any process stops all of them at the same step.
+  """
+
+  def __init__(self):
+    self._flag = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self._flag = True
+
+  def requested(self) -> bool:
+    if jax.process_count() == 1:
+      return self._flag
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(self._flag))))
+
+  def close(self) -> None:
+    signal.signal(signal.SIGTERM, self._previous)

@@ -1,0 +1,379 @@
+"""The programs train.py runs: MoBY pre-training and linear evaluation, with resume.
+
+`pretrain(config, workdir)` and `linear_eval(config, workdir)` are plain functions (tests
+call them with tiny configs). Both check the config and the data before compiling
+anything, resume from the latest complete checkpoint in the workdir, save every
+`train.checkpoint_every_steps` steps and at the end, and on SIGTERM save at the next step
+and return (train.py then exits 0).
+"""
+
+import json
+import pathlib
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from moby_jax import checkpoint, evaluate, moby, optim, parallel, train_step
+from moby_jax.data import loader as loaders
+from moby_jax.data.sources import build_source
+from moby_jax.logger import MetricLogger, StopRequest
+from moby_jax.models import build_encoder
+
+
+def _main() -> bool:
+  return jax.process_index() == 0
+
+
+def say(message: str) -> None:
+  if _main():
+    print(message, flush=True)
+
+
+def _sync_num_examples(config, source) -> None:
+  """data.num_train_examples (and with it the default steps_per_epoch) follows the data."""
+  n = len(source)
+  if config.data.num_train_examples != n:
+    say(f"data: the training split has {n} examples (data.num_train_examples was "
+        f"{config.data.num_train_examples}); using {n}")
+    with config.unlocked():
+      config.data.num_train_examples = n
+
+
+class _BadFiles:
+  """Unreadable files met so far: those left out when listing plus those that failed to
+  decode (by source index), reported as `data/skipped_files`."""
+
+  def __init__(self, source):
+    self.source = source
+    self.indices: set[int] = set()
+    for entry in source.skipped:
+      say(f"data: skipped {entry}")
+
+  def add(self, bad: np.ndarray) -> None:
+    for index in np.asarray(bad).ravel():
+      if index >= 0 and int(index) not in self.indices:
+        self.indices.add(int(index))
+        name = getattr(self.source, "files", None)
+        say(f"data: skipped unreadable example {index}"
+            + (f" ({name[index]})" if name is not None else ""))
+
+  @property
+  def count(self) -> int:
+    return len(self.source.skipped) + len(self.indices)
+
+
+def _with_shardings(abstract, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+def _run_loop(*, config, loader, state, step_fn, ckpt, logger, bad_files, unit_metrics,
+              on_epoch_end=None) -> tuple:
+  """Steps until train.epochs are done or a stop is requested; returns (state, preempted)."""
+  total = optim.total_steps(config)
+  steps_per_epoch = config.train.steps_per_epoch
+  step = int(jax.device_get(state.step))
+  stop = StopRequest()
+  preempted = False
+  try:
+    while step < total:
+      start = time.perf_counter()
+      batch = next(loader)
+      waited = time.perf_counter() - start
+      bad_files.add(batch.pop("bad"))
+      batch = {k: batch[k] for k in unit_metrics}
+      state, metrics = step_fn(state, batch)
+      step += 1
+      logger.record_step(waited)
+      if step % config.train.log_every_steps == 0 or step == total:
+        metrics = jax.device_get(metrics)
+        metrics["skipped_files"] = bad_files.count
+        logger.log(step, metrics)
+      if on_epoch_end is not None and step % steps_per_epoch == 0:
+        on_epoch_end(state, step // steps_per_epoch)
+      ckpt.save(step, state, loader.get_state())
+      if step < total and stop.requested():
+        say(f"stop requested (SIGTERM): saving step {step} and exiting")
+        ckpt.save(step, state, loader.get_state(), force=True)
+        preempted = True
+        break
+    if not preempted:
+      ckpt.save(step, state, loader.get_state(), force=True)
+  finally:
+    stop.close()
+    ckpt.wait()
+  return state, preempted
+
+
+def pretrain(config, workdir, mesh=None) -> dict:
+  """MoBY pre-training (config.task == "moby") on `mesh` (default: all devices); returns
+  a summary dict.
+
+  With eval.enabled, evaluates the pre-trained online encoder and the same encoder at
+  initialisation (kNN and linear probe), exports it as WORKDIR/moby_official.pth and
+  writes WORKDIR/results.json.
+  """
+  started = time.perf_counter()
+  workdir = pathlib.Path(workdir)
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  # Everything that can be wrong with the config or the data fails here, before compiling.
+  source = build_source(config.data, "train")
+  val_source = build_source(config.data, "val") if _needs_val(config) else None
+  _sync_num_examples(config, source)
+  train_step.check_config(config, mesh.size)
+  moby.build_branches(config)
+  checkpoint.save_config(workdir, config)
+
+  total = optim.total_steps(config)
+  say(f"MoBY pre-training: {config.model.name} at {config.model.img_size}px, "
+      f"{len(source)} images, global batch {config.data.batch_size}, "
+      f"{config.train.epochs} epochs = {total} steps, {mesh.size} device(s), "
+      f"{jax.process_count()} process(es); workdir {workdir}")
+  ckpt = checkpoint.Checkpointer(workdir, config, config.train.checkpoint_every_steps,
+                                 config.train.keep_checkpoints)
+  loader = loaders.pretrain_loader(config, source)
+  abstract = _with_shardings(train_step.abstract_state(config), parallel.state_shardings(
+      train_step.abstract_state(config), mesh, config.parallel.fsdp))
+  restored = ckpt.restore(abstract)
+  initial_encoder = None
+  if restored is None:
+    state = train_step.create_train_state(config, jax.random.key(config.train.seed), mesh)
+    if config.eval.enabled:  # kept on the host for the final comparison
+      initial_encoder = jax.device_get(_online_encoder(state))
+  else:
+    state, data_state, step = restored
+    loader.set_state(data_state)
+    say(f"resumed from {workdir / checkpoint.CHECKPOINTS / str(step)} (step {step})")
+  step_fn = train_step.make_train_step(config, mesh)
+  logger = MetricLogger(workdir, total, config.train.steps_per_epoch,
+                        config.data.batch_size, unit="pairs")
+  bad_files = _BadFiles(source)
+
+  knn_monitor = None if val_source is None else KnnMonitor(config, mesh, source, val_source)
+  monitor = None
+  if config.eval.knn_every_epochs:
+
+    def monitor(state, epoch):
+      if epoch % config.eval.knn_every_epochs == 0 or epoch == config.train.epochs:
+        result = knn_monitor(_online_encoder(state))
+        logger.scalars(epoch * config.train.steps_per_epoch, {"knn_top1": result["top1"]})
+        say(f"epoch {epoch}: kNN top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}%")
+
+  state, preempted = _run_loop(config=config, loader=loader, state=state, step_fn=step_fn,
+                               ckpt=ckpt, logger=logger,
+                               bad_files=bad_files, unit_metrics=("view1", "view2"),
+                               on_epoch_end=monitor)
+  ckpt.close()
+  logger.close()
+  summary = dict(step=int(jax.device_get(state.step)), preempted=preempted,
+                 skipped_files=bad_files.count,
+                 skipped_steps=int(jax.device_get(state.skipped_steps)))
+  if preempted or not config.eval.enabled:
+    return summary
+
+  results = dict(pretrain_steps=summary["step"])
+  if initial_encoder is None:  # resumed: the initialisation is a function of the seed
+    initial_encoder = _online_encoder(train_step.create_train_state(
+        config, jax.random.key(config.train.seed), mesh))
+  probe_config = _linear_config(config, source.num_classes)
+  probe_fns = (evaluate.make_linear_step(probe_config, mesh),
+               evaluate.make_linear_eval(probe_config, mesh))
+  for suffix, variables in (("", _online_encoder(state)), ("_init", initial_encoder)):
+    what = "pre-trained" if not suffix else "initial"
+    knn = knn_monitor(variables)
+    results[f"knn_top1{suffix}"], results[f"knn_top5{suffix}"] = knn["top1"], knn["top5"]
+    say(f"kNN ({what} encoder): top-1 {knn['top1']:.2f}%, top-5 {knn['top5']:.2f}%")
+    linear = _linear_run(probe_config, variables, mesh, source, val_source,
+                         workdir / f"linear{suffix or '_pretrained'}", probe_fns)
+    results[f"linear_top1{suffix}"], results[f"linear_top5{suffix}"] = (
+        linear["top1"], linear["top5"])
+    say(f"linear probe ({what} encoder): top-1 {linear['top1']:.2f}%, "
+        f"top-5 {linear['top5']:.2f}%")
+  results["pth"] = str(_export(workdir))
+  results["skipped_files"] = bad_files.count
+  results["seconds"] = round(time.perf_counter() - started, 1)
+  if _main():
+    (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+  say(json.dumps(results, indent=2))
+  return {**summary, **results}
+
+
+def _needs_val(config) -> bool:
+  return bool(config.eval.enabled or config.eval.knn_every_epochs)
+
+
+def _online_encoder(state) -> dict:
+  variables = {"params": state.params["encoder"]}
+  if "encoder" in state.batch_stats:
+    variables["batch_stats"] = state.batch_stats["encoder"]
+  return variables
+
+
+def _export(workdir: pathlib.Path) -> pathlib.Path:
+  """The final checkpoint in the official MoBY format (SPEC §5), for PyTorch, via the
+  conversion CLI (which embeds `meta` and re-checks the written file)."""
+  from convert.__main__ import main as convert_main
+  path = workdir / "moby_official.pth"
+  if _main() and convert_main(["export", str(workdir), "--format", "official", "-o",
+                               str(path), "--force"]):
+    raise RuntimeError(f"exporting {workdir} to {path} failed (see the message above)")
+  return path
+
+
+def _linear_config(config, num_classes: int) -> ml_collections.ConfigDict:
+  """The linear-probe config for the quick evaluation of a pre-training run (eval.linear)."""
+  probe = config.eval.linear
+  return ml_collections.ConfigDict(dict(
+      task="linear", model=config.model.to_dict(),
+      linear=dict(source="", branch="online", step=-1, num_classes=num_classes,
+                  label_smoothing=probe.label_smoothing),
+      optim=dict(name="sgd", base_lr=probe.base_lr, warmup_lr=0.0, min_lr=0.0, momentum=0.9,
+                 weight_decay=0.0, clip_grad=5.0, reference_batch=512),
+      data=dict(config.data.to_dict(), batch_size=probe.batch_size),
+      train=dict(config.train.to_dict(), epochs=probe.epochs,
+                 warmup_epochs=probe.warmup_epochs, log_every_steps=10 ** 9,
+                 checkpoint_every_steps=0,
+                 steps_per_epoch=config.data.num_train_examples // probe.batch_size),
+      eval=dict(enabled=True), parallel=dict(fsdp=False)))
+
+
+class KnnMonitor:
+  """kNN accuracy (eval.knn_k, eval.knn_temperature) of an encoder: features of the train
+  and val splits with the eval transform, cosine similarity, weighted votes."""
+
+  def __init__(self, config, mesh, train_source, val_source):
+    self.config, self.mesh = config, mesh
+    self.sources = (train_source, val_source)
+    self.feature_fn = evaluate.make_feature_fn(config, mesh)
+
+  def _features(self, variables, source) -> tuple[np.ndarray, np.ndarray]:
+    batches = list(loaders.eval_loader(self.config, source,
+                                       batch_size=_eval_batch(self.config, self.mesh)))
+    features = evaluate.extract_features(self.feature_fn, variables,
+                                         (b["image"] for b in batches))
+    labels = np.concatenate([_global_rows(b["label"]) for b in batches])
+    # The padding rows of the last batch come last in global order.
+    return features[:len(source)], labels[:len(source)]
+
+  def __call__(self, variables) -> dict:
+    (train_x, train_y), (val_x, val_y) = (self._features(variables, s) for s in self.sources)
+    return evaluate.knn_classify(train_x, train_y, val_x, val_y, self.sources[0].num_classes,
+                                 k=self.config.eval.knn_k,
+                                 temperature=self.config.eval.knn_temperature)
+
+
+def _global_rows(local: np.ndarray) -> np.ndarray:
+  """This process's rows of a global batch -> the whole batch (process-major order)."""
+  if jax.process_count() == 1:
+    return local
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(local)).reshape(-1, *local.shape[1:])
+
+
+def _eval_batch(config, mesh) -> int:
+  """A batch for feature extraction: data.batch_size rounded to a multiple of the devices."""
+  return -(-config.data.batch_size // mesh.size) * mesh.size
+
+
+def _load_encoder(config) -> dict:
+  """The encoder config.linear.source points to: a pre-training workdir (latest or
+  linear.step checkpoint) or a .pth (official MoBY format or a bare backbone)."""
+  from convert.backbone import torch_to_flax
+  from convert.pth import read_pth
+  src = pathlib.Path(config.linear.source) if config.linear.source else None
+  if src is None or not src.exists():
+    raise FileNotFoundError(f"linear.source={config.linear.source!r}: give a pre-training "
+                            "workdir or a .pth file")
+  branch = config.linear.branch
+  if branch not in ("online", "target"):
+    raise ValueError(f"linear.branch must be 'online' or 'target', got {branch!r}")
+  if src.is_dir():
+    state, _ = checkpoint.load_state(src, None if config.linear.step < 0 else config.linear.step)
+    params = state.params if branch == "online" else state.target_params
+    stats = state.batch_stats if branch == "online" else state.target_batch_stats
+    variables = {"params": params["encoder"]}
+    if "encoder" in stats:
+      variables["batch_stats"] = stats["encoder"]
+    return jax.device_get(variables)
+  content = read_pth(src)
+  state_dict = next((content[k] for k in ("model", "state_dict") if k in content), content)
+  prefix = {"online": "encoder.", "target": "encoder_k."}[branch]
+  if not any(k.startswith(prefix) for k in state_dict):
+    prefix = ""  # a bare backbone file
+  return torch_to_flax(state_dict, build_encoder(config.model), prefix)
+
+
+def linear_eval(config, workdir, mesh=None) -> dict:
+  """Linear evaluation (config.task == "linear") of the encoder in config.linear.source on
+  `mesh` (default: all devices); writes WORKDIR/results.json with top-1/top-5 on val."""
+  started = time.perf_counter()
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  source = build_source(config.data, "train")
+  val_source = build_source(config.data, "val") if config.eval.enabled else None
+  _sync_num_examples(config, source)
+  if config.linear.num_classes and config.linear.num_classes != source.num_classes:
+    raise ValueError(f"linear.num_classes is {config.linear.num_classes} but "
+                     f"data.dataset={config.data.dataset!r} has {source.num_classes} classes")
+  with config.unlocked():
+    config.linear.num_classes = source.num_classes
+  optim.check_schedule(config)
+  build_encoder(config.model)
+  encoder = _load_encoder(config)
+  result = _linear_run(config, encoder, mesh, source, val_source, pathlib.Path(workdir))
+  result["seconds"] = round(time.perf_counter() - started, 1)
+  if _main() and not result["preempted"]:
+    (pathlib.Path(workdir) / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+  say(json.dumps(result, indent=2))
+  return result
+
+
+def _linear_run(config, encoder_variables, mesh, source, val_source, workdir,
+                fns=None) -> dict:
+  """Trains the linear head (resuming from WORKDIR's checkpoints) and evaluates it.
+  `fns`: (step, eval) functions of `config` to reuse, instead of compiling new ones."""
+  workdir = pathlib.Path(workdir)
+  if config.data.batch_size % mesh.size:
+    raise ValueError(f"data.batch_size ({config.data.batch_size}) must be divisible by the "
+                     f"number of devices ({mesh.size})")
+  checkpoint.save_config(workdir, config)
+  total = optim.total_steps(config)
+  say(f"linear evaluation: {config.model.name}, {len(source)} images, "
+      f"{source.num_classes} classes, batch {config.data.batch_size}, "
+      f"{config.train.epochs} epochs = {total} steps")
+  ckpt = checkpoint.Checkpointer(workdir, config, config.train.checkpoint_every_steps,
+                                 config.train.keep_checkpoints)
+  step_fn, eval_fn = fns or (evaluate.make_linear_step(config, mesh),
+                             evaluate.make_linear_eval(config, mesh))
+  loader = loaders.linear_train_loader(config, source)
+  state = evaluate.create_linear_state(config, encoder_variables,
+                                       jax.random.key(config.train.seed), mesh)
+  restored = ckpt.restore(jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
+  if restored is not None:
+    state, data_state, step = restored
+    loader.set_state(data_state)
+    say(f"resumed linear evaluation at step {step}")
+  logger = MetricLogger(workdir, total, config.train.steps_per_epoch, config.data.batch_size,
+                        unit="images")
+  bad_files = _BadFiles(source)
+  state, preempted = _run_loop(config=config, loader=loader, state=state,
+                               step_fn=step_fn, ckpt=ckpt,
+                               logger=logger, bad_files=bad_files,
+                               unit_metrics=("image", "label"))
+  ckpt.close()
+  result = dict(step=int(jax.device_get(state.step)), preempted=preempted,
+                skipped_files=bad_files.count)
+  if not preempted and val_source is not None:
+    top1 = top5 = 0
+    for batch in loaders.eval_loader(config, val_source, batch_size=_eval_batch(config, mesh)):
+      labels = np.where(batch["valid"], batch["label"], -1)  # padding counts as neither
+      c1, c5 = eval_fn(state, batch["image"], labels)
+      top1, top5 = top1 + int(c1), top5 + int(c5)
+    result.update(top1=100.0 * top1 / len(val_source), top5=100.0 * top5 / len(val_source))
+    logger.scalars(result["step"], {"val/top1": result["top1"], "val/top5": result["top5"]})
+    say(f"linear evaluation: top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}% on "
+        f"{len(val_source)} val images")
+  logger.close()
+  return result

@@ -1,0 +1,212 @@
+"""The training program: determinism, exact resume after SIGTERM, damaged checkpoints,
+skipped files, early errors, and linear evaluation from a workdir or a .pth."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import linear_swin_tiny, moby_swin_tiny
+from moby_jax import checkpoint, parallel, train_step, trainer
+from test_data import write_folder
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+  # 2 classes x 12 images: 24 training examples, 3 steps per epoch at batch 8.
+  return write_folder(tmp_path_factory.mktemp("data") / "images", per_class=12)
+
+
+def tiny_config(folder, **train):
+  c = moby_swin_tiny.get_config("runlocal")
+  c.moby.update(queue_size=32, proj_hidden_dim=32, pred_hidden_dim=32, proj_dim=16)
+  c.data.update(dataset="folder", path=str(folder), batch_size=8, num_workers=2)
+  c.train.update(dict(dict(epochs=3, warmup_epochs=1, log_every_steps=1,
+                           checkpoint_every_steps=100), **train))
+  return c
+
+
+def losses(workdir):
+  lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+  return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+def one_device():
+  return parallel.make_mesh(jax.devices()[:1])
+
+
+def assert_states_identical(a, b):
+  leaves_a, tree_a = jax.tree.flatten(jax.device_get(a))
+  leaves_b, tree_b = jax.tree.flatten(jax.device_get(b))
+  assert tree_a == tree_b
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def reference_run(folder, tmp_path_factory):
+  """An uninterrupted 9-step run (3 epochs) on one device."""
+  workdir = tmp_path_factory.mktemp("reference")
+  summary = trainer.pretrain(tiny_config(folder), workdir, mesh=one_device())
+  return workdir, summary
+
+
+def test_same_seed_same_losses_and_device_count_does_not_matter(folder, reference_run,
+                                                                 tmp_path):
+  workdir, summary = reference_run
+  assert summary["step"] == 9 and not summary["preempted"]
+  first = losses(workdir)
+  assert sorted(first) == list(range(1, 10))
+  # The same config and seed again: the losses repeat bit for bit.
+  again = trainer.pretrain(tiny_config(folder), tmp_path / "again", mesh=one_device())
+  assert again["step"] == 9
+  assert losses(tmp_path / "again") == first
+  # On 4 devices: the same losses within float32 reduction-order noise.
+  trainer.pretrain(tiny_config(folder), tmp_path / "four",
+                   mesh=parallel.make_mesh(jax.devices()[:4]))
+  on_four = losses(tmp_path / "four")
+  np.testing.assert_allclose([on_four[s] for s in range(1, 6)],
+                             [first[s] for s in range(1, 6)], rtol=1e-5)
+
+
+def _sigterm_after(workdir: pathlib.Path, step: int) -> threading.Thread:
+  """Sends this process a real SIGTERM once `step` appears in WORKDIR/metrics.jsonl."""
+  def watch():
+    deadline = time.time() + 600
+    while time.time() < deadline:
+      if step in losses(workdir) if (workdir / "metrics.jsonl").exists() else False:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+      time.sleep(0.01)
+  thread = threading.Thread(target=watch, daemon=True)
+  thread.start()
+  return thread
+
+
+def test_sigterm_then_resume_is_bit_identical(folder, reference_run, tmp_path):
+  """A run stopped by SIGTERM inside epoch 1 and restarted crosses the epoch boundaries
+  and ends bit-identical to the uninterrupted run (params, target, BN, queues, pointer,
+  optimizer state, step, rng)."""
+  reference_dir, _ = reference_run
+  workdir = tmp_path / "run"
+  watcher = _sigterm_after(workdir, 1)
+  first = trainer.pretrain(tiny_config(folder), workdir, mesh=one_device())
+  watcher.join()
+  assert first["preempted"] and 1 <= first["step"] < 3, first  # inside the first epoch
+  assert checkpoint.Checkpointer(workdir, None, 0, None).latest_step() == first["step"]
+  second = trainer.pretrain(tiny_config(folder), workdir, mesh=one_device())
+  assert second["step"] == 9 and not second["preempted"]
+  state, _ = checkpoint.load_state(workdir, mesh=one_device())
+  expected, _ = checkpoint.load_state(reference_dir, mesh=one_device())
+  assert_states_identical(state, expected)
+  assert losses(workdir) == losses(reference_dir)
+
+
+def test_half_written_checkpoint_is_never_restored(folder, tmp_path):
+  config = tiny_config(folder, epochs=2, checkpoint_every_steps=2, keep_checkpoints=2)
+  workdir = tmp_path / "run"
+  trainer.pretrain(config, workdir, mesh=one_device())
+  ckpt_dir = workdir / "checkpoints"
+  assert sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) == [4, 6]
+  complete_6, _ = checkpoint.load_state(workdir, mesh=one_device())
+
+  # 1) A save killed mid-way leaves orbax's temporary directory: never listed as a step.
+  partial = ckpt_dir / "8.orbax-checkpoint-tmp-1234567"
+  (partial / "state").mkdir(parents=True)
+  (partial / "state" / "half_written").write_bytes(b"\0" * 10)
+  state, _ = checkpoint.load_state(workdir, mesh=one_device())
+  assert int(state.step) == 6
+  assert_states_identical(state, complete_6)
+
+  # 2) A damaged latest checkpoint: the previous complete one is restored instead.
+  for path in (ckpt_dir / "6" / "state").rglob("*"):
+    if path.is_file():
+      path.write_bytes(b"")
+  state, _ = checkpoint.load_state(workdir, mesh=one_device())
+  assert int(state.step) == 4
+
+
+def test_corrupt_files_are_skipped_and_reported(folder, tmp_path):
+  import shutil
+  data = tmp_path / "images"
+  shutil.copytree(folder, data)
+  (data / "train" / "cat" / "zz_broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+  (data / "train" / "dog" / "readme.txt").write_text("not an image")
+  config = tiny_config(data, epochs=2)
+  config.data.batch_size = 25  # 25 images: every file is read in every epoch
+  config.moby.queue_size = 50
+  summary = trainer.pretrain(config, tmp_path / "run", mesh=one_device())
+  assert summary["step"] == 2 and summary["skipped_files"] == 2
+  last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+  assert last["skipped_files"] == 2 and np.isfinite(last["loss"])
+
+
+def _no_compilation(monkeypatch):
+  def forbidden(*args, **kwargs):
+    raise AssertionError("compiled before checking the input")
+  monkeypatch.setattr(train_step, "create_train_state", forbidden)
+  monkeypatch.setattr(train_step, "make_train_step", forbidden)
+
+
+@pytest.mark.parametrize("case", ["missing_folder", "empty_class", "model_name", "queue"])
+def test_bad_input_fails_before_compiling(folder, tmp_path, monkeypatch, case):
+  _no_compilation(monkeypatch)
+  config = tiny_config(folder)
+  if case == "missing_folder":
+    config.data.path = str(tmp_path / "nowhere")
+    error, match = FileNotFoundError, "data.path"
+  elif case == "empty_class":
+    (tmp_path / "d" / "train" / "empty").mkdir(parents=True)
+    config.data.path = str(tmp_path / "d")
+    error, match = ValueError, "no class folders|has no images"
+  elif case == "model_name":
+    config.model.name = "swin_gigantic"
+    error, match = ValueError, "unknown model.name"
+  else:
+    config.moby.queue_size = 30
+    error, match = ValueError, "moby.queue_size"
+  with pytest.raises(error, match=match):
+    trainer.pretrain(config, tmp_path / "run", mesh=one_device())
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_unknown_config_field_is_an_error(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "train.py", "--config", "configs/quickstart.py", "--workdir",
+       str(tmp_path), "--config.train.epoch=3"], cwd=ROOT, capture_output=True, text=True,
+      timeout=120)
+  assert result.returncode != 0
+  assert "epoch" in result.stderr and not (tmp_path / "checkpoints").exists()
+
+
+def test_linear_eval_from_workdir_and_from_pth_agree(folder, reference_run, tmp_path):
+  from convert.__main__ import main as convert_main
+  reference_dir, _ = reference_run
+  pth = tmp_path / "moby.pth"
+  assert convert_main(["export", str(reference_dir), "--format", "official", "-o",
+                       str(pth)]) == 0
+  results = []
+  for source in (reference_dir, pth):
+    config = linear_swin_tiny.get_config("runlocal")
+    config.model = tiny_config(folder).model
+    config.data.update(dataset="folder", path=str(folder), batch_size=8)
+    config.train.update(epochs=2, log_every_steps=3)
+    config.linear.source = str(source)
+    results.append(trainer.linear_eval(config, tmp_path / f"linear_{source.name}",
+                                       mesh=one_device()))
+  assert results[0]["step"] == 6
+  for key in ("top1", "top5"):
+    assert results[0][key] == results[1][key]
+  assert 0 <= results[0]["top1"] <= 100
+  saved = json.loads((tmp_path / f"linear_{pth.name}" / "results.json").read_text())
+  assert saved["top1"] == results[1]["top1"]
