@@ -7,7 +7,7 @@ A run resumes from the latest complete checkpoint in DIR; SIGTERM makes it save 
 next step and exit 0.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "Config file (get_config(arg)); FILE:ARG "
@@ -20,6 +20,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax/absl info lines drown the progress
   # After flag parsing, so that --help is fast and jax sees the environment.
   from moby_jax import parallel, trainer
   parallel.initialize_distributed()

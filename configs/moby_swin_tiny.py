@@ -10,6 +10,8 @@
 
 import ml_collections
 
+from moby_jax.data import embedded
+
 
 def parse_arg(arg: str | None) -> dict[str, str]:
   """"a=1,b" -> {"a": "1", "b": ""}."""
@@ -94,6 +96,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if "runlocal" in args:
     c.model.update(name="swin_mu", img_size=32, window_size=4, dtype="float32")
     c.moby.update(queue_size=256, proj_hidden_dim=128, pred_hidden_dim=128, proj_dim=32)
-    c.data.update(dataset="embedded", batch_size=16, num_workers=2)
+    per_class, _ = embedded.SPLITS["train"]
+    c.data.update(dataset="embedded", batch_size=16, num_workers=2,
+                  num_train_examples=per_class * embedded.NUM_CLASSES)
     c.train.update(epochs=2, warmup_epochs=1, log_every_steps=10, checkpoint_every_steps=100)
   return c
