@@ -18,8 +18,9 @@ def get_config(arg: str | None = None):
                  dtype="float32")
   c.moby.update(queue_size=1024, proj_hidden_dim=256, pred_hidden_dim=256, proj_dim=64)
   c.optim.update(base_lr=2e-3, reference_batch=128)  # LR 2e-3 at batch 128
-  # A larger minimum crop than ImageNet's 0.08: at 32 px an 8% crop is 9 px, too little
-  # of a texture to tell its class.
+  # Crops of 20-100% of the image (ImageNet's 0.08 works about as well here: kNN gain
+  # +28.5 vs +29.2 points on seed 0 when tuned); this is the setting the measured
+  # results in the README come from.
   c.data.update(dataset="embedded", batch_size=128, num_workers=2, crop_scale=(0.2, 1.0))
   c.train.update(epochs=20, warmup_epochs=1, log_every_steps=20, checkpoint_every_steps=200)
   c.eval.update(enabled=True, knn_every_epochs=10)
