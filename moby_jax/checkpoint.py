@@ -106,8 +106,9 @@ def _split(path) -> tuple[pathlib.Path, int | None]:
   return path, None
 
 
-def _abstract(config, mesh):
-  """Shapes, dtypes and shardings of the state a run of `config` saves."""
+def abstract_target(config, mesh):
+  """Shapes, dtypes and shardings on `mesh` of the state a run of `config` saves: the
+  restore target."""
   from moby_jax import evaluate, parallel
   from moby_jax.models import abstract_variables, build_encoder
   from moby_jax.train_step import abstract_state
@@ -140,7 +141,7 @@ def load_state(path, step: int | None = None, mesh=None):
       config.parallel.fsdp = False  # restore replicated, whatever the run used
   ckpt = Checkpointer(workdir, config, every_steps=0, keep=None, async_save=False)
   try:
-    restored = ckpt.restore(_abstract(config, mesh), step)
+    restored = ckpt.restore(abstract_target(config, mesh), step)
   finally:
     ckpt.close()
   if restored is None:

@@ -64,11 +64,6 @@ class _BadFiles:
     return len(self.source.skipped) + len(self.indices)
 
 
-def _with_shardings(abstract, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
-
-
 def _run_loop(*, config, loader, state, step_fn, ckpt, logger, bad_files, unit_metrics,
               on_epoch_end=None) -> tuple:
   """Steps until train.epochs are done or a stop is requested; returns (state, preempted)."""
@@ -134,9 +129,7 @@ def pretrain(config, workdir, mesh=None) -> dict:
   ckpt = checkpoint.Checkpointer(workdir, config, config.train.checkpoint_every_steps,
                                  config.train.keep_checkpoints)
   loader = loaders.pretrain_loader(config, source)
-  abstract = _with_shardings(train_step.abstract_state(config), parallel.state_shardings(
-      train_step.abstract_state(config), mesh, config.parallel.fsdp))
-  restored = ckpt.restore(abstract)
+  restored = ckpt.restore(checkpoint.abstract_target(config, mesh))
   initial_encoder = None
   if restored is None:
     state = train_step.create_train_state(config, jax.random.key(config.train.seed), mesh)
