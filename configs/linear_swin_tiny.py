@@ -35,6 +35,7 @@ def get_config(arg: str | None = None, model=None) -> ml_collections.ConfigDict:
       clip_grad=5.0, reference_batch=512))
   c.data = moby_swin_tiny.data_config(dataset=pretrain.data.dataset,
                                       batch_size=pretrain.data.batch_size,
+                                      worker_mode=pretrain.data.worker_mode,
                                       num_workers=pretrain.data.num_workers,
                                       num_train_examples=pretrain.data.num_train_examples)
   c.train = moby_swin_tiny.train_config(epochs=100, warmup_epochs=5,

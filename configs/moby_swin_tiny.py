@@ -31,7 +31,11 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
       batch_size=512,          # the global batch, over all devices and hosts
       num_train_examples=0,    # set from the training split when it differs
       crop_scale=(0.08, 1.0),  # RandomResizedCrop area range
-      num_workers=16,          # decode threads per process
+      # Decoding: "processes" (grain worker processes, each building whole batches: what
+      # a host feeding 8 GPUs needs) or "threads" (per-example decode threads in the
+      # training process: enough for a few cores). num_workers 0: one per CPU core.
+      worker_mode="processes",
+      num_workers=0,
       prefetch_batches=4), **overrides))
 
 
@@ -49,6 +53,9 @@ def eval_config(**overrides) -> ml_collections.ConfigDict:
   """eval.*: kNN (k, temperature as in DINO) and the quick linear probe of eval.enabled."""
   return ml_collections.ConfigDict(dict(dict(
       enabled=False, knn_every_epochs=0, knn_k=20, knn_temperature=0.07,
+      # kNN bank: at most this many training images, drawn once by train.seed (0: all;
+      # a pass costs one forward per image, and the features stay in host memory).
+      knn_max_train_examples=0,
       linear=ml_collections.ConfigDict(dict(
           epochs=10, warmup_epochs=1, batch_size=256, base_lr=1.0, label_smoothing=0.1))),
       **overrides))
@@ -97,7 +104,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.update(name="swin_mu", img_size=32, window_size=4, dtype="float32")
     c.moby.update(queue_size=256, proj_hidden_dim=128, pred_hidden_dim=128, proj_dim=32)
     per_class, _ = embedded.SPLITS["train"]
-    c.data.update(dataset="embedded", batch_size=16, num_workers=2,
+    c.data.update(dataset="embedded", batch_size=16, worker_mode="threads", num_workers=2,
                   num_train_examples=per_class * embedded.NUM_CLASSES)
     c.train.update(epochs=2, warmup_epochs=1, log_every_steps=10, checkpoint_every_steps=100)
   return c

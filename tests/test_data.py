@@ -10,14 +10,15 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from moby_jax import augment
-from moby_jax.data import loader, sources, transforms
+from moby_jax.data import examples, loader, sources, transforms
 
 
 def loader_config(**data):
   return ml_collections.ConfigDict(dict(
       model=dict(img_size=32),
       data=dict(dict(dataset="folder", path="", data_dir="", batch_size=8,
-                     crop_scale=(0.08, 1.0), num_workers=2, prefetch_batches=2), **data),
+                     crop_scale=(0.08, 1.0), worker_mode="threads", num_workers=2,
+                     prefetch_batches=2), **data),
       train=dict(seed=0, steps_per_epoch=4), augment=dict(on_device=True)))
 
 
@@ -116,23 +117,6 @@ def test_flip_rate_and_crop_output():
   assert abs(np.mean(flipped) - 0.5) < 5 * np.sqrt(0.25 / 2000)
 
 
-def test_jpeg_draft_decoding_matches_full_decode_closely():
-  rng = np.random.default_rng(0)
-  yy, xx = np.mgrid[:400, :600]
-  pixels = np.stack([yy % 256, xx % 256, (xx + yy) % 256], -1).astype(np.uint8)
-  buffer = io.BytesIO()
-  Image.fromarray(pixels).save(buffer, "JPEG", quality=95)
-  data = buffer.getvalue()
-  # A large crop to 32 px decodes at 1/8 scale; the result is close to cropping the
-  # fully decoded image with the same box.
-  seed = 3
-  fast, = transforms.random_crops(data, np.random.default_rng(seed), 32, 1)
-  full, = transforms.random_crops(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")),
-                                  np.random.default_rng(seed), 32, 1)
-  assert fast.shape == full.shape == (32, 32, 3)
-  assert np.abs(fast.astype(int) - full.astype(int)).mean() < 12
-
-
 def test_center_crop_geometry():
   image = np.zeros((60, 90, 3), np.uint8)
   image[:, 44:46] = 255  # a vertical line through the centre
@@ -161,11 +145,47 @@ def test_epochs_reshuffle_and_drop_the_remainder():
   source = array_source(n=20)
   config = loader_config(batch_size=8)
   config.train.steps_per_epoch = 2  # 20 // 8: 4 examples dropped per epoch
-  rows = loader._train_rows(source, 16, seed=0)
-  epoch0 = [rows[t][1] for t in range(16)]
-  epoch1 = [rows[t][1] for t in range(16, 32)]
+  order = examples.EpochOrder(len(source), 16, seed=0)
+  epoch0 = [order(t) for t in range(16)]
+  epoch1 = [order(t) for t in range(16, 32)]
   assert len(set(epoch0)) == 16 and len(set(epoch1)) == 16
   assert epoch0 != epoch1
+
+
+def test_worker_processes_give_the_batches_of_threads_and_resume_alike(tmp_path):
+  """data.worker_mode only changes who decodes: the batches of every step are the same,
+  also after restoring a position (the stream restarts at that step)."""
+  root = write_folder(tmp_path / "data", per_class=10)
+  source = sources.FolderSource.scan(str(root), "train")
+  config = loader_config(path=str(root), batch_size=4)
+  config.train.steps_per_epoch = 5
+  with loader.pretrain_loader(config, source) as threads:
+    want = take(threads, 7)
+  config.data.worker_mode = "processes"
+  with loader.pretrain_loader(config, source) as processes:
+    got = take(processes, 4)
+    state = processes.get_state()
+  assert state == {"next_index": 4}
+  with loader.pretrain_loader(config, source) as resumed:
+    resumed.set_state(state)
+    got += take(resumed, 3)
+  for a, b in zip(want, got):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  val = sources.FolderSource.scan(str(root), "val")
+  with loader.eval_loader(config, val, batch_size=8) as batches:
+    by_processes = list(batches)
+  config.data.worker_mode = "threads"
+  with loader.eval_loader(config, val, batch_size=8) as batches:
+    for a, b in zip(by_processes, batches, strict=True):
+      np.testing.assert_array_equal(a["image"], b["image"])
+
+
+def test_bad_worker_settings_fail_clearly():
+  with pytest.raises(ValueError, match="data.worker_mode"):
+    loader.pretrain_loader(loader_config(worker_mode="fibers"), array_source())
+  with pytest.raises(ValueError, match="data.num_workers"):
+    loader.pretrain_loader(loader_config(num_workers=-1), array_source())
 
 
 def test_resume_position_gives_the_same_batches():

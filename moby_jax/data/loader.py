@@ -1,97 +1,135 @@
-"""Grain loaders: deterministic, per-process, checkpointable streams of host batches.
+"""Grain loaders: deterministic, per-process, resumable streams of host batches.
 
-Row r of the global batch of step s is example `perm_e[i * B + r]` of epoch
-e = s // steps_per_epoch, i = s % steps_per_epoch (B = data.batch_size; the last partial
-batch of each epoch is dropped; `perm_e` is grain's shuffle of epoch e). Its crops are
-drawn with a generator seeded by (train.seed, s * B + r). Process p of P takes rows
-[p B/P, (p+1) B/P) of each global batch, so what step s sees depends only on (seed, s),
-not on the number of processes. The iterator's state is grain's (`next_index` = the next
-step); it is saved with every checkpoint.
+Row r of the global batch of step s is global row t = s B + r of the stream
+(B = data.batch_size). For training, row t is example `order_e[t mod R]` of epoch
+e = t // R (R = steps_per_epoch x B: the last partial batch of each epoch is dropped;
+`order_e` is grain's shuffle of epoch e), and its crops are drawn with a generator seeded
+by (train.seed, t). Process p of P takes rows [p B/P, (p+1) B/P) of every global batch.
+So what step s sees depends only on (seed, s): not on the number of processes, nor on
+how the rows are decoded (`data.worker_mode`):
 
-An example that cannot be read or decoded is replaced by the next readable example of
-the source and reported in the batch's `bad` field (its source index, -1 if none).
+- "threads": `data.num_workers` threads per process decode single examples in parallel,
+  and the batch is assembled from them (GIL-free decoding and resizing; the
+  simplest mode, good for a few cores per process);
+- "processes": `data.num_workers` worker processes (grain's multiprocessing) each build
+  whole batches, round robin; for hosts where one process feeds several accelerators
+  from many cores.
+
+A loader's position is the number of batches it has handed out (`get_state()` ->
+{"next_index": step}); `set_state` restarts the stream there. It is saved with every
+checkpoint.
 """
 
-import dataclasses
-from typing import Any
+import os
+from typing import Callable
 
 import grain
 import jax
+from absl import flags
 import numpy as np
-from PIL import Image
 
 from moby_jax import augment
-from moby_jax.data import transforms
+from moby_jax.data import examples, transforms
 from moby_jax.data.sources import build_source
 
-# What PIL raises for a file that is not a readable image (UnidentifiedImageError and
-# truncated data are OSErrors).
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+WORKER_MODES = ("threads", "processes")
+# Streams are open-ended: the training loop decides when to stop.
+_ENDLESS = 2 ** 40  # steps
 
 
-def _read(source, index: int, crop_fn) -> tuple[Any, int, int]:
-  """(crop_fn(image), label, bad) for the first readable example j >= index (cyclic);
-  `bad` is the first unreadable index met (-1 if `index` itself was fine)."""
-  bad = -1
-  for attempt in range(len(source)):
-    j = (index + attempt) % len(source)
-    try:
-      record = source[j]
-      return crop_fn(record["image"]), record["label"], bad
-    except DECODE_ERRORS:
-      bad = j if bad < 0 else bad
-  raise RuntimeError(f"none of the {len(source)} examples of the source can be decoded")
+def num_workers(data_config) -> int:
+  """data.num_workers, or with 0 the CPU cores available to this process."""
+  if data_config.num_workers < 0:
+    raise ValueError(f"data.num_workers must be >= 0 (0: one per CPU core), got "
+                     f"{data_config.num_workers}")
+  return data_config.num_workers or len(os.sched_getaffinity(0))
 
 
-@dataclasses.dataclass(frozen=True)
-class _EpochIndex:
-  """Global row t of the step stream -> position in grain's stream of shuffled epochs."""
-  num_examples: int
-  rows_per_epoch: int
-
-  def __call__(self, t: int) -> int:
-    epoch, row = divmod(t, self.rows_per_epoch)
-    return epoch * self.num_examples + row
-
-
-def _train_rows(source, rows_per_epoch: int, seed: int) -> grain.MapDataset:
-  """(t, source index) for every global row t of the (infinite) step stream."""
-  epochs = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()
-  locate = _EpochIndex(len(source), rows_per_epoch)
-  return grain.MapDataset.range(len(epochs)).map(lambda t: (t, epochs[locate(t)]))
+def check_config(data_config) -> None:
+  """Raises ValueError naming the data.* field that cannot work."""
+  if data_config.worker_mode not in WORKER_MODES:
+    raise ValueError(f"data.worker_mode must be one of {WORKER_MODES}, got "
+                     f"{data_config.worker_mode!r}")
+  num_workers(data_config)
+  if data_config.prefetch_batches < 1:
+    raise ValueError(f"data.prefetch_batches must be >= 1, got {data_config.prefetch_batches}")
 
 
-def _per_process(rows: grain.MapDataset, batch_size: int, config) -> grain.IterDataset:
-  """This process's consecutive slice of every global batch, read by worker threads."""
-  count, index = jax.process_count(), jax.process_index()
+def _local_batch(batch_size: int) -> int:
+  count = jax.process_count()
   if batch_size % count:
     raise ValueError(f"data.batch_size ({batch_size}) must be divisible by the number of "
                      f"processes ({count})")
-  local = rows.batch(batch_size // count)
-  return local[index::count].to_iter_dataset(grain.ReadOptions(
-      num_threads=config.data.num_workers, prefetch_buffer_size=config.data.prefetch_batches))
+  return batch_size // count
+
+
+def _stream(row_fn: Callable[[int], dict], batch_size: int, data_config,
+            length: int = _ENDLESS) -> Callable[[int], grain.IterDataset]:
+  """start step -> this process's batches from that step on, built in `data.worker_mode`."""
+  local = _local_batch(batch_size)
+  rows = examples.ProcessRows(batch_size, local, jax.process_index())
+  workers = num_workers(data_config)
+  prefetch = data_config.prefetch_batches
+  check_config(data_config)
+
+  def from_step(start: int) -> grain.IterDataset:
+    if data_config.worker_mode == "threads":
+      ds = grain.MapDataset.range(start * local, length * local).map(rows).map(row_fn)
+      ds = ds.to_iter_dataset(grain.ReadOptions(
+          num_threads=workers, prefetch_buffer_size=max(prefetch * local, workers)))
+      return ds.batch(local, drop_remainder=True, batch_fn=examples.stack)
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (defaults suffice)
+      flags.FLAGS.mark_as_parsed()
+    ds = grain.MapDataset.range(start, length).map(examples.LocalBatch(rows, row_fn))
+    # Each worker builds whole batches serially (no threads inside workers).
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    return ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=workers, per_worker_buffer_size=max(1, -(-prefetch // workers))))
+
+  return from_step
 
 
 class Loader:
-  """An iterator of host batches with grain's `get_state()` / `set_state()` (JSON-able)."""
+  """An iterator of host batches that can report and restore its position.
 
-  def __init__(self, dataset: grain.IterDataset, source, host_fn=None):
+  The stream is started on the first `next()` (worker processes are spawned then), so
+  `set_state` right after construction costs nothing. `close()` stops workers.
+  """
+
+  def __init__(self, from_step: Callable[[int], grain.IterDataset], source, host_fn=None):
     self.source = source
-    self._iterator = iter(dataset)
+    self._from_step = from_step
     self._host_fn = host_fn
+    self._step = 0
+    self._iterator = None
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
+    if self._iterator is None:
+      self._iterator = iter(self._from_step(self._step))
     batch = next(self._iterator)
+    self._step += 1
     return self._host_fn(batch) if self._host_fn else batch
 
   def get_state(self) -> dict:
-    return self._iterator.get_state()
+    return {"next_index": self._step}
 
   def set_state(self, state: dict) -> None:
-    self._iterator.set_state(state)
+    self.close()
+    self._step = int(state["next_index"])
+
+  def close(self) -> None:
+    if self._iterator is not None and hasattr(self._iterator, "close"):
+      self._iterator.close()
+    self._iterator = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
 
 
 def _host_augment(config):
@@ -115,18 +153,11 @@ def _host_augment(config):
   return apply
 
 
-def _crop_rows(config, source, count: int) -> grain.MapDataset:
-  """(t, `count` random crops of row t's example, its label, bad index) per global row."""
-  size, scale = config.model.img_size, tuple(config.data.crop_scale)
-
-  def example(pair, rng):
-    t, index = pair
-    crops, label, bad = _read(source, int(index), lambda image: transforms.random_crops(
-        image, rng, size, count, scale=scale))
-    return t, crops, label, bad
-
-  return _train_rows(source, config.train.steps_per_epoch * config.data.batch_size,
-                     config.train.seed).random_map(example, seed=config.train.seed)
+def _train_rows(config, source, views, extra) -> examples.TrainRow:
+  order = examples.EpochOrder(len(source), config.train.steps_per_epoch * config.data.batch_size,
+                              config.train.seed)
+  return examples.TrainRow(source, order, config.model.img_size, tuple(config.data.crop_scale),
+                           config.train.seed, views, extra)
 
 
 def pretrain_loader(config, source=None) -> Loader:
@@ -134,35 +165,27 @@ def pretrain_loader(config, source=None) -> Loader:
   normalised views when augment.on_device is false), "row": int64 global row, "bad":
   int32 unreadable source index or -1}; b = data.batch_size / process count."""
   source = build_source(config.data, "train") if source is None else source
-  rows = _crop_rows(config, source, 2).map(lambda e: {
-      "view1": e[1][0], "view2": e[1][1], "row": np.int64(e[0]), "bad": np.int32(e[3])})
+  row_fn = _train_rows(config, source, ("view1", "view2"), ("row", "bad"))
   host_fn = None if config.augment.on_device else _host_augment(config)
-  return Loader(_per_process(rows, config.data.batch_size, config), source, host_fn)
+  return Loader(_stream(row_fn, config.data.batch_size, config.data), source, host_fn)
 
 
 def linear_train_loader(config, source=None) -> Loader:
   """Linear-evaluation training batches (SPEC §3): {"image": uint8 RandomResizedCrop +
   flip, "label": int32, "bad": int32}, ordered like `pretrain_loader`."""
   source = build_source(config.data, "train") if source is None else source
-  rows = _crop_rows(config, source, 1).map(lambda e: {
-      "image": e[1][0], "label": np.int32(e[2]), "bad": np.int32(e[3])})
-  return Loader(_per_process(rows, config.data.batch_size, config), source)
+  row_fn = _train_rows(config, source, ("image",), ("label", "bad"))
+  return Loader(_stream(row_fn, config.data.batch_size, config.data), source)
 
 
 def eval_loader(config, source, batch_size: int | None = None) -> Loader:
-  """One pass over `source` (e.g. build_source(config.data, "val")) in order with the eval transform (resize to
-  int(256/224 * img_size), centre crop): {"image": uint8, "label": int32, "valid": bool,
-  "bad": int32}. The last global batch is padded (valid False) so every batch is full."""
+  """One pass over `source` (e.g. build_source(config.data, "val")) in order, with the
+  eval transform (resize to int(256/224 x img_size), centre crop): {"image": uint8,
+  "label": int32, "valid": bool, "bad": int32}. The last global batch is padded so every
+  batch is full; padding rows and examples that cannot be decoded have valid False
+  (`bad` names the latter by source index) and must be left out of any metric."""
   batch = batch_size or config.data.batch_size
   size = config.model.img_size
-  resize = transforms.eval_resize(size)
-  n = len(source)
-
-  def example(t):
-    image, label, bad = _read(source, min(t, n - 1),
-                              lambda image: transforms.center_crop(image, size, resize))
-    return {"image": image, "label": np.int32(label), "valid": np.bool_(t < n),
-            "bad": np.int32(bad)}
-
-  rows = grain.MapDataset.range(-(-n // batch) * batch).map(example)
-  return Loader(_per_process(rows, batch, config), source)
+  row_fn = examples.EvalRow(source, size, transforms.eval_resize(size))
+  steps = -(-len(source) // batch)
+  return Loader(_stream(row_fn, batch, config.data, length=steps), source)

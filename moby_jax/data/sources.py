@@ -1,9 +1,11 @@
 """Random-access labelled image sources: TFDS (ArrayRecord), an image folder, the embedded set.
 
 A source has `len(source)`, `source[i] -> {"image": encoded bytes or uint8 (H, W, C),
-"label": int}`, `num_classes`, and `skipped` (files left out when the source was built,
-with the reason). Reading the bytes is cheap; decoding happens in the loader's worker
-threads (`transforms.decode_and_crop`), at reduced size for JPEGs where the crop allows.
+"label": int}`, `name(i)` (what a log line calls example i: its file name where there is
+one), `num_classes`, and `skipped` (files left out when the source was built, with the
+reason). Reading the bytes is cheap; decoding happens in the loader's workers
+(`moby_jax.data.examples`), at reduced size for JPEGs where the crop allows. Sources are
+picklable, so worker processes can read them; nothing here imports JAX.
 """
 
 import dataclasses
@@ -16,9 +18,9 @@ SPLITS = ("train", "val")
 
 TFDS_PREPARE_HINT = (
     "Prepare it once in ArrayRecord format (random access), e.g. for ImageNet with the "
-    "two ILSVRC2012 tars in MANUAL_DIR: pip install tensorflow-cpu && tfds build "
-    "imagenet2012 --manual_dir=MANUAL_DIR --data_dir=DATA_DIR --file_format=array_record; "
-    "then pass --config.data.data_dir=DATA_DIR")
+    "two ILSVRC2012 tars in MANUAL_DIR: python3 -m pip install -r requirements-prepare.txt "
+    "&& python3 -m moby_jax.data.prepare imagenet2012 --manual_dir MANUAL_DIR --data_dir "
+    "DATA_DIR; then pass --config.data.data_dir=DATA_DIR")
 
 
 @dataclasses.dataclass
@@ -34,6 +36,9 @@ class ArraySource:
 
   def __getitem__(self, i: int) -> dict:
     return {"image": self.images[i], "label": int(self.labels[i])}
+
+  def name(self, i: int) -> str:
+    return f"example {i}"
 
 
 @dataclasses.dataclass
@@ -57,6 +62,9 @@ class FolderSource:
 
   def __getitem__(self, i: int) -> dict:
     return {"image": pathlib.Path(self.files[i]).read_bytes(), "label": int(self.labels[i])}
+
+  def name(self, i: int) -> str:
+    return self.files[i]
 
   @classmethod
   def scan(cls, root: str, split: str) -> "FolderSource":
@@ -111,6 +119,7 @@ class TfdsSource:
                        "classification dataset needs 'image' and 'label'")
     self.num_classes = int(features["label"].num_classes)
     self.skipped: list[str] = []
+    self._where = f"{name}[{tfds_split}]"
     self._parser = example_parser.ExampleParserNp(features.get_serialized_info())
 
   @staticmethod
@@ -127,14 +136,63 @@ class TfdsSource:
   def __len__(self) -> int:
     return len(self._source)
 
-  def __getitem__(self, i: int) -> dict:
+  def _record(self, i: int) -> dict:
     record = self._source.data_source[i]
     if isinstance(record, (bytes, memoryview)):
       record = self._parser.parse_example(record)
+    return record
+
+  def __getitem__(self, i: int) -> dict:
+    record = self._record(i)
     image = record["image"]
     if isinstance(image, np.ndarray) and image.dtype == object:
       image = image.item()
     return {"image": image, "label": int(np.asarray(record["label"]))}
+
+  def name(self, i: int) -> str:
+    """`dataset[split] #i`, and the example's file_name where the dataset has one."""
+    where = f"{self._where} #{i}"
+    try:
+      file_name = self._record(i).get("file_name")
+    except Exception:  # the record itself is unreadable: the index is all there is
+      return where
+    if file_name is None:
+      return where
+    file_name = np.asarray(file_name).item()
+    return f"{where} ({file_name.decode() if isinstance(file_name, bytes) else file_name})"
+
+
+@dataclasses.dataclass
+class Subset:
+  """The examples `indices` of `source`, in that order."""
+  source: object
+  indices: np.ndarray
+
+  @property
+  def num_classes(self) -> int:
+    return self.source.num_classes
+
+  @property
+  def skipped(self) -> list[str]:
+    return self.source.skipped
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i: int) -> dict:
+    return self.source[int(self.indices[i])]
+
+  def name(self, i: int) -> str:
+    return self.source.name(int(self.indices[i]))
+
+
+def subsample(source, count: int, seed: int):
+  """`count` examples of `source` drawn without replacement by `seed` (in source order),
+  or `source` itself when count is 0 or not smaller than it."""
+  if count <= 0 or count >= len(source):
+    return source
+  indices = np.sort(np.random.default_rng(seed).choice(len(source), count, replace=False))
+  return Subset(source, indices)
 
 
 def build_source(data_config, split: str):
