@@ -4,7 +4,9 @@ Both start from uint8 images the host has already resized/cropped; normalisation
 encoder run on the device (`_features`, shared by feature extraction and the probe).
 
 - `knn_classify`: weighted kNN on L2-normalised features (the InstDisc / DINO protocol).
-- `make_feature_fn` + `extract_features`: pooled eval-mode features of a dataset.
+- `make_feature_fn` + `labelled_features`: pooled eval-mode features of a dataset,
+  streamed from eval-loader batches, keeping only the features and labels of the rows
+  that could be read.
 - `LinearState`, `create_linear_state`, `make_linear_step`, `make_linear_eval`: a Linear
   head on the frozen backbone, trained with SGD (Nesterov) and label smoothing. As in the
   released code the backbone stays in training mode while the head trains (stochastic
@@ -124,29 +126,28 @@ def make_feature_fn(config, mesh: Mesh | None = None):
   return feature_fn
 
 
-def extract_features(feature_fn, variables, batches: Iterable) -> np.ndarray:
-  """Features (N, D) of all images in `batches` (an iterable of uint8 (b, H, W, 3)).
+def labelled_features(feature_fn, variables,
+                      batches: Iterable[dict]) -> tuple[np.ndarray, np.ndarray, set[int]]:
+  """Features (n, D) and labels (n,) of the valid rows of `batches`, in global order,
+  and the source indices of the rows that could not be decoded.
 
-  Every batch is padded to the size of the first one, so one shape compiles; the
-  padding rows are dropped. With several processes each passes its own slice, all of
-  the same size per batch; rows come back in global batch order.
+  `batches` are eval-loader batches ({"image", "label", "valid", "bad"}, this process's
+  rows of each global batch, all of the same size). Rows with valid False (padding, or
+  an unreadable example) are left out. Only features and labels are kept, so memory
+  grows with the feature size, not the image size.
   """
-  out, size = [], None
-  for images in batches:
-    images = np.asarray(images)
-    size = len(images) if size is None else size
-    if len(images) > size:
-      raise ValueError(f"extract_features: batch of {len(images)} rows after a first "
-                       f"batch of {size}; the first batch must be the largest")
-    valid = len(images)
-    images = np.pad(images, ((0, size - valid),) + ((0, 0),) * (images.ndim - 1))
-    features = np.asarray(feature_fn(variables, images))
-    # Rows are process-major in the global batch: drop each process's padding.
-    per_process = features.reshape(jax.process_count(), size, -1)[:, :valid]
-    out.append(per_process.reshape(-1, features.shape[-1]))
-  if not out:
-    raise ValueError("extract_features: no batches")
-  return np.concatenate(out)
+  features, labels, bad = [], [], set()
+  for batch in batches:
+    rows = np.asarray(feature_fn(variables, batch["image"]))
+    info = parallel.global_rows(np.stack([batch["label"], batch["valid"], batch["bad"]], -1)
+                                .astype(np.int64))
+    valid = info[:, 1].astype(bool)
+    features.append(rows[valid])
+    labels.append(info[valid, 0].astype(np.int32))
+    bad.update(int(i) for i in info[:, 2] if i >= 0)
+  if not features:
+    raise ValueError("labelled_features: no batches")
+  return np.concatenate(features), np.concatenate(labels), bad
 
 
 # ---------------------------------------------------------------------------------------

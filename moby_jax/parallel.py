@@ -93,3 +93,27 @@ def to_global(batch, mesh: Mesh):
     return jax.make_array_from_process_local_data(sharding, np.asarray(x))
 
   return jax.tree.map(place, batch)
+
+
+def global_rows(local: np.ndarray) -> np.ndarray:
+  """This process's rows of a global batch (host numpy) -> the whole batch, in global
+  (process-major) order, on every process. A collective: all processes call it."""
+  if jax.process_count() == 1:
+    return np.asarray(local)
+  from jax.experimental import multihost_utils
+  local = np.asarray(local)
+  return np.asarray(multihost_utils.process_allgather(local)).reshape(-1, *local.shape[1:])
+
+
+def union_over_processes(values) -> set[int]:
+  """The union of every process's set of non-negative ints, on every process. A
+  collective: all processes call it, each with its own (possibly empty) values."""
+  values = sorted({int(v) for v in values})
+  if jax.process_count() == 1:
+    return set(values)
+  from jax.experimental import multihost_utils
+  longest = int(np.max(multihost_utils.process_allgather(np.int64(len(values)))))
+  padded = np.full(max(longest, 1), -1, np.int64)
+  padded[:len(values)] = values
+  gathered = np.asarray(multihost_utils.process_allgather(padded))
+  return {int(v) for v in gathered.ravel() if v >= 0}

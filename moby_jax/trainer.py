@@ -17,6 +17,7 @@ import numpy as np
 
 from moby_jax import checkpoint, evaluate, moby, optim, parallel, train_step
 from moby_jax.data import loader as loaders
+from moby_jax.data import sources
 from moby_jax.data.sources import build_source
 from moby_jax.logger import MetricLogger, StopRequest
 from moby_jax.models import build_encoder
@@ -42,26 +43,43 @@ def _sync_num_examples(config, source) -> None:
 
 
 class _BadFiles:
-  """Unreadable files met so far: those left out when listing plus those that failed to
-  decode (by source index), reported as `data/skipped_files`."""
+  """Training files that could not be read, over all processes: those left out when the
+  source was listed, plus those that failed to decode (by source index). Each is named
+  once in the log; the count is the `skipped_files` metric."""
 
   def __init__(self, source):
     self.source = source
     self.indices: set[int] = set()
+    self._new: set[int] = set()
     for entry in source.skipped:
       say(f"data: skipped {entry}")
 
   def add(self, bad: np.ndarray) -> None:
-    for index in np.asarray(bad).ravel():
-      if index >= 0 and int(index) not in self.indices:
-        self.indices.add(int(index))
-        name = getattr(self.source, "files", None)
-        say(f"data: skipped unreadable example {index}"
-            + (f" ({name[index]})" if name is not None else ""))
+    """Notes this process's unreadable indices of a batch (-1: none)."""
+    self._new.update(int(i) for i in np.asarray(bad).ravel() if i >= 0)
+
+  def sync(self) -> int:
+    """Shares what every process met since the last call (a collective: every process
+    calls it at the same step) and returns the global count."""
+    new = parallel.union_over_processes(self._new - self.indices) - self.indices
+    self._new.clear()
+    for index in sorted(new):
+      say(f"data: skipped unreadable example {self.source.name(index)}")
+    self.indices |= new
+    return self.count
 
   @property
   def count(self) -> int:
     return len(self.source.skipped) + len(self.indices)
+
+
+def _unreadable(source, indices, what: str) -> list[str]:
+  """Logs and returns the names of evaluation examples that could not be decoded (they
+  are left out of the metric, never replaced)."""
+  names = [source.name(i) for i in sorted(indices)]
+  for name in names:
+    say(f"{what}: left out unreadable example {name}")
+  return names
 
 
 def _run_loop(*, config, loader, state, step_fn, ckpt, logger, bad_files, unit_metrics,
@@ -84,7 +102,7 @@ def _run_loop(*, config, loader, state, step_fn, ckpt, logger, bad_files, unit_m
       logger.record_step(waited)
       if step % config.train.log_every_steps == 0 or step == total:
         metrics = jax.device_get(metrics)
-        metrics["skipped_files"] = bad_files.count
+        metrics["skipped_files"] = bad_files.sync()
         logger.log(step, metrics)
       if on_epoch_end is not None and step % steps_per_epoch == 0:
         on_epoch_end(state, step // steps_per_epoch)
@@ -96,8 +114,10 @@ def _run_loop(*, config, loader, state, step_fn, ckpt, logger, bad_files, unit_m
         break
     if not preempted:
       ckpt.save(step, state, loader.get_state(), force=True)
+    bad_files.sync()
   finally:
     stop.close()
+    loader.close()
     ckpt.wait()
   return state, preempted
 
@@ -173,19 +193,25 @@ def pretrain(config, workdir, mesh=None) -> dict:
   probe_config = _linear_config(config, source.num_classes)
   probe_fns = (evaluate.make_linear_step(probe_config, mesh),
                evaluate.make_linear_eval(probe_config, mesh))
+  unreadable = set()
   for suffix, variables in (("", _online_encoder(state)), ("_init", initial_encoder)):
     what = "pre-trained" if not suffix else "initial"
     knn = knn_monitor(variables)
+    unreadable.update(knn["unreadable"])
     results[f"knn_top1{suffix}"], results[f"knn_top5{suffix}"] = knn["top1"], knn["top5"]
     say(f"kNN ({what} encoder): top-1 {knn['top1']:.2f}%, top-5 {knn['top5']:.2f}%")
     linear = _linear_run(probe_config, variables, mesh, source, val_source,
                          workdir / f"linear{suffix or '_pretrained'}", probe_fns)
     results[f"linear_top1{suffix}"], results[f"linear_top5{suffix}"] = (
         linear["top1"], linear["top5"])
+    unreadable.update(linear["unreadable_val"])
     say(f"linear probe ({what} encoder): top-1 {linear['top1']:.2f}%, "
         f"top-5 {linear['top5']:.2f}%")
   results["pth"] = str(_export(workdir))
   results["skipped_files"] = bad_files.count
+  # Evaluation leaves unreadable examples out of every metric (never substitutes them).
+  results["val_examples"] = knn["val_examples"]
+  results["unreadable_eval_files"] = sorted(unreadable)
   results["seconds"] = round(time.perf_counter() - started, 1)
   if _main():
     (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -234,35 +260,37 @@ def _linear_config(config, num_classes: int) -> ml_collections.ConfigDict:
 
 class KnnMonitor:
   """kNN accuracy (eval.knn_k, eval.knn_temperature) of an encoder: features of the train
-  and val splits with the eval transform, cosine similarity, weighted votes."""
+  split (or eval.knn_max_train_examples of it, drawn once by train.seed) and of the val
+  split with the eval transform, cosine similarity, weighted votes. Features are
+  streamed: memory grows with the number of features, not with the images. Examples
+  that cannot be decoded are left out (named in the log and in the result)."""
 
   def __init__(self, config, mesh, train_source, val_source):
     self.config, self.mesh = config, mesh
-    self.sources = (train_source, val_source)
+    bank = sources.subsample(train_source, config.eval.knn_max_train_examples,
+                             config.train.seed)
+    if bank is not train_source:
+      say(f"kNN: a bank of {len(bank)} of the {len(train_source)} training images "
+          "(eval.knn_max_train_examples)")
+    self.sources = (bank, val_source)
     self.feature_fn = evaluate.make_feature_fn(config, mesh)
 
-  def _features(self, variables, source) -> tuple[np.ndarray, np.ndarray]:
-    batches = list(loaders.eval_loader(self.config, source,
-                                       batch_size=_eval_batch(self.config, self.mesh)))
-    features = evaluate.extract_features(self.feature_fn, variables,
-                                         (b["image"] for b in batches))
-    labels = np.concatenate([_global_rows(b["label"]) for b in batches])
-    # The padding rows of the last batch come last in global order.
-    return features[:len(source)], labels[:len(source)]
+  def _features(self, variables, source) -> tuple[np.ndarray, np.ndarray, set[int]]:
+    with loaders.eval_loader(self.config, source,
+                             batch_size=_eval_batch(self.config, self.mesh)) as batches:
+      return evaluate.labelled_features(self.feature_fn, variables, batches)
 
   def __call__(self, variables) -> dict:
-    (train_x, train_y), (val_x, val_y) = (self._features(variables, s) for s in self.sources)
-    return evaluate.knn_classify(train_x, train_y, val_x, val_y, self.sources[0].num_classes,
-                                 k=self.config.eval.knn_k,
-                                 temperature=self.config.eval.knn_temperature)
-
-
-def _global_rows(local: np.ndarray) -> np.ndarray:
-  """This process's rows of a global batch -> the whole batch (process-major order)."""
-  if jax.process_count() == 1:
-    return local
-  from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.process_allgather(local)).reshape(-1, *local.shape[1:])
+    """{"top1", "top5" (percent), "val_examples", "bank_examples", "unreadable": names}."""
+    (train_x, train_y, train_bad), (val_x, val_y, val_bad) = (
+        self._features(variables, s) for s in self.sources)
+    result = evaluate.knn_classify(train_x, train_y, val_x, val_y,
+                                   self.sources[0].num_classes, k=self.config.eval.knn_k,
+                                   temperature=self.config.eval.knn_temperature)
+    unreadable = (_unreadable(self.sources[0], train_bad, "kNN bank")
+                  + _unreadable(self.sources[1], val_bad, "kNN val"))
+    return {**result, "val_examples": len(val_y), "bank_examples": len(train_y),
+            "unreadable": unreadable}
 
 
 def _eval_batch(config, mesh) -> int:
@@ -359,14 +387,29 @@ def _linear_run(config, encoder_variables, mesh, source, val_source, workdir,
   result = dict(step=int(jax.device_get(state.step)), preempted=preempted,
                 skipped_files=bad_files.count)
   if not preempted and val_source is not None:
-    top1 = top5 = 0
-    for batch in loaders.eval_loader(config, val_source, batch_size=_eval_batch(config, mesh)):
-      labels = np.where(batch["valid"], batch["label"], -1)  # padding counts as neither
-      c1, c5 = eval_fn(state, batch["image"], labels)
-      top1, top5 = top1 + int(c1), top5 + int(c5)
-    result.update(top1=100.0 * top1 / len(val_source), top5=100.0 * top5 / len(val_source))
+    result.update(_linear_accuracy(config, mesh, state, eval_fn, val_source))
     logger.scalars(result["step"], {"val/top1": result["top1"], "val/top5": result["top5"]})
     say(f"linear evaluation: top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}% on "
-        f"{len(val_source)} val images")
+        f"{result['val_examples']} val images")
   logger.close()
   return result
+
+
+def _linear_accuracy(config, mesh, state, eval_fn, val_source) -> dict:
+  """Top-1/top-5 (percent) of the probe over the val examples that can be decoded; the
+  others are left out of the metric and named."""
+  top1 = top5 = valid = 0
+  bad: set[int] = set()
+  with loaders.eval_loader(config, val_source, batch_size=_eval_batch(config, mesh)) as batches:
+    for batch in batches:
+      labels = np.where(batch["valid"], batch["label"], -1)  # invalid rows count as neither
+      c1, c5 = eval_fn(state, batch["image"], labels)
+      top1, top5 = top1 + int(c1), top5 + int(c5)
+      valid += int(np.sum(batch["valid"]))
+      bad.update(int(i) for i in batch["bad"] if i >= 0)
+  valid = int(np.sum(parallel.global_rows(np.asarray([valid]))))
+  unreadable = _unreadable(val_source, parallel.union_over_processes(bad), "linear val")
+  if not valid:
+    raise RuntimeError(f"none of the {len(val_source)} val examples could be decoded")
+  return dict(top1=100.0 * top1 / valid, top5=100.0 * top5 / valid, val_examples=valid,
+              unreadable_val=unreadable)

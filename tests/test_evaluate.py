@@ -127,24 +127,24 @@ def reference_features(config, variables, x):
   return np.asarray(model.apply(variables, augment.normalize(x / 255.0), train=False))
 
 
-def test_extract_features_pads_the_last_batch_and_drops_the_padding():
+def test_labelled_features_keep_only_the_valid_rows():
   config = linear_config()
   variables = init_encoder(build_encoder(config.model), jax.random.key(0))
   feature_fn = evaluate.make_feature_fn(config, one_device_mesh())
-  shapes = []
-
-  def recording_fn(variables, batch):
-    shapes.append(batch.shape)
-    return feature_fn(variables, batch)
-
-  x = images(19, seed=1)
-  features = evaluate.extract_features(recording_fn, variables, [x[:8], x[8:16], x[16:]])
-  assert shapes == [(8, 32, 32, 3)] * 3  # one shape, so one compilation
-  assert features.shape == (19, 32)
-  np.testing.assert_allclose(features, reference_features(config, variables, x),
+  x = images(24, seed=1)
+  labels = np.arange(24, dtype=np.int32) % 5
+  valid = np.ones(24, bool)
+  valid[[3, 21, 22, 23]] = False  # an unreadable example (3) and the padding (21-23)
+  bad = np.full(24, -1, np.int32)
+  bad[3] = 3
+  batches = [{"image": x[i:i + 8], "label": labels[i:i + 8], "valid": valid[i:i + 8],
+              "bad": bad[i:i + 8]} for i in (0, 8, 16)]
+  features, kept_labels, unreadable = evaluate.labelled_features(feature_fn, variables,
+                                                                 batches)
+  assert features.shape == (20, 32) and unreadable == {3}
+  np.testing.assert_array_equal(kept_labels, labels[valid])
+  np.testing.assert_allclose(features, reference_features(config, variables, x[valid]),
                              rtol=1e-5, atol=1e-5)
-  with pytest.raises(ValueError, match="first batch must be the largest"):
-    evaluate.extract_features(feature_fn, variables, [x[:4], x[4:12]])
 
 
 # ---------------------------------------------------------------------------------------

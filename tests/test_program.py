@@ -210,3 +210,47 @@ def test_linear_eval_from_workdir_and_from_pth_agree(folder, reference_run, tmp_
   assert 0 <= results[0]["top1"] <= 100
   saved = json.loads((tmp_path / f"linear_{pth.name}" / "results.json").read_text())
   assert saved["top1"] == results[1]["top1"]
+
+
+def test_evaluation_leaves_an_unreadable_val_file_out_and_names_it(folder, reference_run,
+                                                                  tmp_path):
+  """A corrupt val file is excluded from kNN and linear accuracy (never replaced by
+  another example with its label): the metrics equal those of the same set without
+  it, and the file is named and counted."""
+  import shutil
+  from moby_jax import evaluate
+  from moby_jax.data.sources import build_source
+  reference_dir, _ = reference_run
+  data = tmp_path / "images"
+  shutil.copytree(folder, data)
+  broken = data / "val" / "cat" / "0_broken.jpg"  # sorts first: row 0 of the val split
+  broken.write_bytes(b"\xff\xd8\xff garbage")
+  config = linear_swin_tiny.get_config("runlocal")
+  config.model = tiny_config(folder).model
+  config.data.update(dataset="folder", path=str(data), batch_size=8)
+  config.train.update(epochs=1, log_every_steps=3)
+  config.linear.source = str(reference_dir)
+  result = trainer.linear_eval(config, tmp_path / "linear", mesh=one_device())
+  clean_val = build_source(tiny_config(folder).data, "val")
+  assert result["val_examples"] == len(clean_val) == 24
+  assert result["unreadable_val"] == [str(broken)]
+  saved = json.loads((tmp_path / "linear" / "results.json").read_text())
+  assert saved["unreadable_val"] == [str(broken)] and saved["val_examples"] == 24
+
+  # The same probe on the val split without the broken file: the same accuracy.
+  mesh = one_device()
+  probe, _ = checkpoint.load_state(tmp_path / "linear", mesh=mesh)
+  eval_fn = evaluate.make_linear_eval(config, mesh)
+  clean = trainer._linear_accuracy(config, mesh, probe, eval_fn, clean_val)
+  assert (clean["top1"], clean["top5"]) == (result["top1"], result["top5"])
+
+  # kNN: with and without the broken file, the same accuracy over the same 24 images.
+  pretrain_config = tiny_config(data)
+  state, _ = checkpoint.load_state(reference_dir, mesh=mesh)
+  encoder = trainer._online_encoder(state)
+  train = build_source(pretrain_config.data, "train")
+  with_broken = trainer.KnnMonitor(pretrain_config, mesh, train,
+                                   build_source(pretrain_config.data, "val"))(encoder)
+  without = trainer.KnnMonitor(pretrain_config, mesh, train, clean_val)(encoder)
+  assert (with_broken["top1"], with_broken["top5"]) == (without["top1"], without["top5"])
+  assert with_broken["val_examples"] == 24 and with_broken["unreadable"] == [str(broken)]
