@@ -3,17 +3,26 @@
 Runs the task the config names: `moby` (self-supervised pre-training) or `linear`
 (linear evaluation of a pre-trained encoder). Override any field on the command line,
 e.g. `--config.train.epochs=100`; unknown fields are an error (configs are locked).
-A run resumes from the latest complete checkpoint in DIR; SIGTERM makes it save at the
-next step and exit 0.
+A run resumes from the latest complete checkpoint in DIR. A SIGTERM at any moment (start-up,
+compilation, training, evaluation) stops it cleanly, saving the step it reached, and the
+process exits 0; with several processes all of them stop at the same step.
 """
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+# First, before the slow imports: from here on SIGTERM is a stop request, not a kill.
+from moby_jax import preemption
+
+preemption.install()
+
+import sys  # noqa: E402
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Config file (get_config(arg)); FILE:ARG "
                                 "passes ARG, e.g. configs/moby_swin_tiny.py:epochs=100.",
                                 lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results (a local "
+                    "path or a bucket, e.g. gs://bucket/run).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -30,7 +39,10 @@ def main(argv):
   task = config.get("task", None)
   if task not in tasks:
     raise app.UsageError(f"config.task must be one of {sorted(tasks)}, got {task!r}")
-  tasks[task](config, flags.FLAGS.workdir)
+  try:
+    tasks[task](config, flags.FLAGS.workdir)
+  except trainer.TrainingDiverged as err:
+    sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":

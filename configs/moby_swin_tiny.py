@@ -43,7 +43,10 @@ def train_config(num_train_examples, batch_size, **overrides) -> ml_collections.
   """train.*: schedule length, seed, logging and checkpoint cadence."""
   c = ml_collections.ConfigDict(dict(dict(
       epochs=300, warmup_epochs=5, seed=0, log_every_steps=50,
-      checkpoint_every_steps=1000, keep_checkpoints=3), **overrides))
+      checkpoint_every_steps=1000, keep_checkpoints=3,
+      # Stop with an error (after saving) once this many steps in a row had a non-finite
+      # loss or gradient (checked at log steps; 0: never).
+      max_consecutive_skipped_steps=20), **overrides))
   # The loader drops the last partial batch of each epoch.
   c.steps_per_epoch = num_train_examples // batch_size
   return c

@@ -3,11 +3,9 @@
 import json
 import math
 import pathlib
-import signal
 import time
 
 import jax
-import numpy as np
 
 
 class MetricLogger:
@@ -70,6 +68,8 @@ class MetricLogger:
 
 def _fmt(value) -> str:
   value = float(value)
+  if not math.isfinite(value):
+    return str(value)
   if value == int(value) and abs(value) < 1e6:
     return str(int(value))
   return f"{value:.4g}"
@@ -80,27 +80,3 @@ def _duration(seconds: float) -> str:
     return "?"
   seconds = int(seconds)
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-class StopRequest:
-  """SIGTERM (preemption) sets a flag; the loop checks it once per step, saves and exits.
-
-  With several processes, a stop seen by any process stops all of them at the same step.
-  """
-
-  def __init__(self):
-    self._flag = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self._flag = True
-
-  def requested(self) -> bool:
-    if jax.process_count() == 1:
-      return self._flag
-    from jax.experimental import multihost_utils
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(self._flag))))
-
-  def close(self) -> None:
-    signal.signal(signal.SIGTERM, self._previous)

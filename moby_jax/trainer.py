@@ -12,14 +12,15 @@ import pathlib
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from moby_jax import checkpoint, evaluate, moby, optim, parallel, train_step
+from moby_jax import checkpoint, evaluate, moby, optim, parallel, preemption, train_step
 from moby_jax.data import loader as loaders
 from moby_jax.data import sources
 from moby_jax.data.sources import build_source
-from moby_jax.logger import MetricLogger, StopRequest
+from moby_jax.logger import MetricLogger
 from moby_jax.models import build_encoder
 
 
@@ -82,55 +83,95 @@ def _unreadable(source, indices, what: str) -> list[str]:
   return names
 
 
-def _run_loop(*, config, loader, state, step_fn, ckpt, logger, bad_files, unit_metrics,
+class TrainingDiverged(RuntimeError):
+  """train.max_consecutive_skipped_steps steps in a row had a non-finite loss or gradient."""
+
+
+def _run_loop(*, config, mesh, loader, state, step_fn, ckpt, logger, bad_files, unit_metrics,
               on_epoch_end=None) -> tuple:
-  """Steps until train.epochs are done or a stop is requested; returns (state, preempted)."""
+  """Steps until train.epochs are done or a stop is requested; returns (state, preempted).
+
+  Nothing here waits for the devices except at log steps (metrics are fetched then) and
+  checkpoint steps: the stop check is local (preemption.requested), so the host keeps
+  dispatching ahead of the running step.
+  """
   total = optim.total_steps(config)
   steps_per_epoch = config.train.steps_per_epoch
-  step = int(jax.device_get(state.step))
-  stop = StopRequest()
+  first = step = int(jax.device_get(state.step))
+  limit = config.train.max_consecutive_skipped_steps
+  # Steps skipped in a row, counted on the device (no host sync per step).
+  consecutive = jax.device_put(np.int32(0), parallel.replicated(mesh))
   preempted = False
   try:
     while step < total:
+      if preemption.requested():
+        if step > first:
+          say(f"stop requested (SIGTERM): saving step {step} and exiting")
+          ckpt.save(step, state, loader.get_state(), force=True)
+        else:
+          say(f"stop requested (SIGTERM) before the first step: exiting at step {step}")
+        preempted = True
+        break
       start = time.perf_counter()
       batch = next(loader)
       waited = time.perf_counter() - start
       bad_files.add(batch.pop("bad"))
       batch = {k: batch[k] for k in unit_metrics}
       state, metrics = step_fn(state, batch)
+      consecutive = _count_skipped(consecutive, metrics["skipped"])
       step += 1
       logger.record_step(waited)
       if step % config.train.log_every_steps == 0 or step == total:
-        metrics = jax.device_get(metrics)
+        metrics, in_a_row = jax.device_get((metrics, consecutive))
         metrics["skipped_files"] = bad_files.sync()
         logger.log(step, metrics)
+        if limit and in_a_row >= limit:
+          ckpt.save(step, state, loader.get_state(), force=True)
+          raise TrainingDiverged(
+              f"the last {int(in_a_row)} steps (up to step {step}) had a non-finite loss or "
+              f"gradient and were skipped (train.max_consecutive_skipped_steps={limit}); "
+              f"step {step} is saved: lower the learning rate or check the data")
       if on_epoch_end is not None and step % steps_per_epoch == 0:
         on_epoch_end(state, step // steps_per_epoch)
       ckpt.save(step, state, loader.get_state())
-      if step < total and stop.requested():
-        say(f"stop requested (SIGTERM): saving step {step} and exiting")
-        ckpt.save(step, state, loader.get_state(), force=True)
-        preempted = True
-        break
     if not preempted:
       ckpt.save(step, state, loader.get_state(), force=True)
     bad_files.sync()
   finally:
-    stop.close()
     loader.close()
     ckpt.wait()
   return state, preempted
 
 
+@jax.jit
+def _count_skipped(consecutive, skipped):
+  return jnp.where(skipped > 0, consecutive + 1, 0).astype(jnp.int32)
+
+
 def pretrain(config, workdir, mesh=None) -> dict:
   """MoBY pre-training (config.task == "moby") on `mesh` (default: all devices); returns
-  a summary dict.
+  a summary dict (`preempted` True when a SIGTERM stopped it: the next call resumes).
 
   With eval.enabled, evaluates the pre-trained online encoder and the same encoder at
   initialisation (kNN and linear probe), exports it as WORKDIR/moby_official.pth and
   writes WORKDIR/results.json.
   """
+  with preemption.handling():
+    return _pretrain(config, workdir, mesh)
+
+
+def _stopped(what: str) -> dict | None:
+  """A summary for a stop requested before `what` (None: go on)."""
+  if not preemption.requested():
+    return None
+  say(f"stop requested (SIGTERM) before {what}: exiting")
+  return {"preempted": True}
+
+
+def _pretrain(config, workdir, mesh) -> dict:
   started = time.perf_counter()
+  if stopped := _stopped("start-up"):
+    return stopped
   workdir = pathlib.Path(workdir)
   mesh = parallel.make_mesh() if mesh is None else mesh
   # Everything that can be wrong with the config or the data fails here, before compiling.
@@ -174,10 +215,9 @@ def pretrain(config, workdir, mesh=None) -> dict:
         logger.scalars(epoch * config.train.steps_per_epoch, {"knn_top1": result["top1"]})
         say(f"epoch {epoch}: kNN top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}%")
 
-  state, preempted = _run_loop(config=config, loader=loader, state=state, step_fn=step_fn,
-                               ckpt=ckpt, logger=logger,
-                               bad_files=bad_files, unit_metrics=("view1", "view2"),
-                               on_epoch_end=monitor)
+  state, preempted = _run_loop(config=config, mesh=mesh, loader=loader, state=state,
+                               step_fn=step_fn, ckpt=ckpt, logger=logger, bad_files=bad_files,
+                               unit_metrics=("view1", "view2"), on_epoch_end=monitor)
   ckpt.close()
   logger.close()
   summary = dict(step=int(jax.device_get(state.step)), preempted=preempted,
@@ -185,6 +225,8 @@ def pretrain(config, workdir, mesh=None) -> dict:
                  skipped_steps=int(jax.device_get(state.skipped_steps)))
   if preempted or not config.eval.enabled:
     return summary
+  if _stopped("the final evaluation"):  # the next start resumes at the end and evaluates
+    return dict(summary, preempted=True)
 
   results = dict(pretrain_steps=summary["step"])
   if initial_encoder is None:  # resumed: the initialisation is a function of the seed
@@ -196,12 +238,16 @@ def pretrain(config, workdir, mesh=None) -> dict:
   unreadable = set()
   for suffix, variables in (("", _online_encoder(state)), ("_init", initial_encoder)):
     what = "pre-trained" if not suffix else "initial"
+    if _stopped(f"evaluating the {what} encoder"):
+      return dict(summary, preempted=True)
     knn = knn_monitor(variables)
     unreadable.update(knn["unreadable"])
     results[f"knn_top1{suffix}"], results[f"knn_top5{suffix}"] = knn["top1"], knn["top5"]
     say(f"kNN ({what} encoder): top-1 {knn['top1']:.2f}%, top-5 {knn['top5']:.2f}%")
     linear = _linear_run(probe_config, variables, mesh, source, val_source,
                          workdir / f"linear{suffix or '_pretrained'}", probe_fns)
+    if linear["preempted"]:
+      return dict(summary, preempted=True)
     results[f"linear_top1{suffix}"], results[f"linear_top5{suffix}"] = (
         linear["top1"], linear["top5"])
     unreadable.update(linear["unreadable_val"])
@@ -329,7 +375,14 @@ def _load_encoder(config) -> dict:
 def linear_eval(config, workdir, mesh=None) -> dict:
   """Linear evaluation (config.task == "linear") of the encoder in config.linear.source on
   `mesh` (default: all devices); writes WORKDIR/results.json with top-1/top-5 on val."""
+  with preemption.handling():
+    return _linear_eval(config, workdir, mesh)
+
+
+def _linear_eval(config, workdir, mesh) -> dict:
   started = time.perf_counter()
+  if stopped := _stopped("start-up"):
+    return stopped
   mesh = parallel.make_mesh() if mesh is None else mesh
   source = build_source(config.data, "train")
   val_source = build_source(config.data, "val") if config.eval.enabled else None
@@ -379,9 +432,8 @@ def _linear_run(config, encoder_variables, mesh, source, val_source, workdir,
   logger = MetricLogger(workdir, total, config.train.steps_per_epoch, config.data.batch_size,
                         unit="images")
   bad_files = _BadFiles(source)
-  state, preempted = _run_loop(config=config, loader=loader, state=state,
-                               step_fn=step_fn, ckpt=ckpt,
-                               logger=logger, bad_files=bad_files,
+  state, preempted = _run_loop(config=config, mesh=mesh, loader=loader, state=state,
+                               step_fn=step_fn, ckpt=ckpt, logger=logger, bad_files=bad_files,
                                unit_metrics=("image", "label"))
   ckpt.close()
   result = dict(step=int(jax.device_get(state.step)), preempted=preempted,

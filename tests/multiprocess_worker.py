@@ -1,14 +1,20 @@
 """One process of a `jax.distributed` run on 127.0.0.1 (used by test_multiprocess.py).
 
   python multiprocess_worker.py step PROCESS_ID NUM_PROCESSES PORT LOCAL_DEVICES OUT.npz
-  python multiprocess_worker.py program PROCESS_ID NUM_PROCESSES PORT LOCAL_DEVICES DATA WORKDIR
+  python multiprocess_worker.py program PROCESS_ID NUM_PROCESSES PORT LOCAL_DEVICES DATA WORKDIR EPOCHS
 
 `step`: 3 train steps of the golden-fixture model on a global batch of 8 (this process
 feeds its own slice); process 0 writes the losses and both queues to OUT.npz.
 `program`: the training program (trainer.pretrain) on the tiny test config of
-test_program.py, for one epoch of the image folder DATA, checkpointing into WORKDIR.
+test_program.py for EPOCHS epochs of the image folder DATA, checkpointing into WORKDIR,
+logging only at the last step. It prints its summary as JSON (`summary {...}`) and the
+host syncs the step loop made (`syncs {...}`: calls of jax.device_get,
+jax.block_until_ready and multihost_utils.process_allgather, by the number of train
+steps dispatched before each).
 """
 
+import collections
+import json
 import os
 import pathlib
 import sys
@@ -16,12 +22,16 @@ import sys
 mode, pid, nproc, port, ndev = sys.argv[1:6]
 pid, nproc, ndev = int(pid), int(nproc), int(ndev)
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={ndev}"
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]
+
+from moby_jax import preemption  # noqa: E402
+
+preemption.install()  # as train.py does, first thing
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-HERE = pathlib.Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]
 import convert  # noqa: E402
 import moby_jax  # noqa: E402
 from conftest import FIXTURES, noise_robust_config  # noqa: E402
@@ -56,11 +66,46 @@ def run_steps(out):
   print(f"process {pid}/{nproc}: losses {losses}")
 
 
-def run_program(data, workdir):
+def record_syncs():
+  """Counts host syncs by how many train steps were dispatched before each."""
+  from jax.experimental import multihost_utils
+  from moby_jax import train_step
+  dispatched = [0]
+  syncs = collections.Counter()
+  make_step = train_step.make_train_step
+
+  def counting_make_step(*args, **kwargs):
+    step_fn = make_step(*args, **kwargs)
+
+    def counted(state, batch):
+      dispatched[0] += 1
+      print(f"dispatched {dispatched[0]}", flush=True)
+      return step_fn(state, batch)
+    return counted
+
+  def counting(module, name):
+    original = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+      syncs[dispatched[0]] += 1
+      return original(*args, **kwargs)
+    setattr(module, name, wrapper)
+
+  train_step.make_train_step = counting_make_step
+  counting(jax, "device_get")
+  counting(jax, "block_until_ready")
+  counting(multihost_utils, "process_allgather")
+  return syncs
+
+
+def run_program(data, workdir, epochs):
   from test_program import tiny_config
-  summary = trainer.pretrain(tiny_config(data, epochs=1), workdir)
-  assert summary["step"] == 3, summary
-  print(f"process {pid}/{nproc}: {summary}")
+  config = tiny_config(data, epochs=int(epochs))
+  config.train.log_every_steps = 1000  # log at the last step only
+  syncs = record_syncs()
+  summary = trainer.pretrain(config, workdir)
+  print(f"summary {json.dumps(summary)}", flush=True)
+  print(f"syncs {json.dumps(dict(syncs))}", flush=True)
 
 
 {"step": run_steps, "program": run_program}[mode](*sys.argv[6:])

@@ -112,6 +112,29 @@ def test_sigterm_then_resume_is_bit_identical(folder, reference_run, tmp_path):
   assert losses(workdir) == losses(reference_dir)
 
 
+def test_sigterm_during_start_up_and_compilation_exits_0_and_the_next_start_trains(
+    folder, tmp_path):
+  command = [sys.executable, "train.py", "--config", "configs/moby_swin_tiny.py:runlocal",
+             "--workdir", str(tmp_path / "run"), "--config.data.dataset=folder",
+             f"--config.data.path={folder}", "--config.data.batch_size=8",
+             "--config.moby.queue_size=32", "--config.train.epochs=1"]
+  proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  output = []
+  for line in proc.stdout:
+    output.append(line)
+    if line.startswith("MoBY pre-training:"):  # next: build the state, compile
+      proc.send_signal(signal.SIGTERM)
+      break
+  output.append(proc.communicate(timeout=600)[0])
+  assert proc.returncode == 0, "".join(output)[-3000:]
+  assert "stop requested (SIGTERM) before the first step" in "".join(output)
+  assert not list((tmp_path / "run" / "checkpoints").glob("[0-9]*"))
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert checkpoint.Checkpointer(tmp_path / "run", None, 0, None).latest_step() == 3
+
+
 def test_half_written_checkpoint_is_never_restored(folder, tmp_path):
   config = tiny_config(folder, epochs=2, checkpoint_every_steps=2, keep_checkpoints=2)
   workdir = tmp_path / "run"
@@ -254,3 +277,16 @@ def test_evaluation_leaves_an_unreadable_val_file_out_and_names_it(folder, refer
   without = trainer.KnnMonitor(pretrain_config, mesh, train, clean_val)(encoder)
   assert (with_broken["top1"], with_broken["top5"]) == (without["top1"], without["top5"])
   assert with_broken["val_examples"] == 24 and with_broken["unreadable"] == [str(broken)]
+
+
+def test_a_run_that_only_skips_steps_saves_and_stops_with_an_error(folder, tmp_path):
+  # An absurd learning rate: step 1 is finite and blows the weights up, every later step
+  # has a non-finite loss and is skipped.
+  config = tiny_config(folder, warmup_epochs=0, max_consecutive_skipped_steps=3)
+  config.optim.update(base_lr=1e30, min_lr=1e30)
+  with pytest.raises(trainer.TrainingDiverged, match=r"up to step 4\b.*step 4 is saved"):
+    trainer.pretrain(config, tmp_path / "run", mesh=one_device())
+  assert checkpoint.Checkpointer(tmp_path / "run", None, 0, None).latest_step() == 4
+  skipped = [r["skipped"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl")
+                                       .read_text().splitlines())]
+  assert skipped == [0, 1, 1, 1]
