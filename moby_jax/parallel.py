@@ -18,19 +18,67 @@ DATA = "data"
 FSDP_MIN_SIZE = 2 ** 12
 
 
-def initialize_distributed() -> None:
-  """Joins a multi-process run when the environment describes one (no-op otherwise).
+_SLURM = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+          "SLURM_LOCALID")
 
-  Reads JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID when set;
-  otherwise lets `jax.distributed.initialize` auto-detect (SLURM, TPU pods, ...) only if
-  MOBY_DISTRIBUTED=1.
+
+def _int_env(name: str, default: int = 1) -> int:
+  try:
+    return int(os.environ.get(name, default))
+  except ValueError:
+    return default
+
+
+def cluster_environment() -> str | None:
+  """The multi-process cluster the environment describes, or None for a single process.
+
+  "slurm": an srun step of more than one task (SLURM_NTASKS > 1); "openmpi": mpirun with
+  more than one rank; "tpu": a multi-host Cloud TPU slice on GKE (TPU_WORKER_HOSTNAMES
+  lists several hosts); "kubernetes": an indexed Job with `jax[k8s]` installed. These are
+  the environments `jax.distributed.initialize()` configures itself from.
+  """
+  if all(v in os.environ for v in _SLURM) and _int_env("SLURM_NTASKS") > 1:
+    return "slurm"
+  if "OMPI_MCA_orte_hnp_uri" in os.environ and _int_env("OMPI_COMM_WORLD_SIZE") > 1:
+    return "openmpi"
+  if len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1:
+    return "tpu"
+  if "KUBERNETES_SERVICE_HOST" in os.environ and "JOB_COMPLETION_INDEX" in os.environ:
+    import importlib.util
+    if importlib.util.find_spec("kubernetes") is not None:
+      return "kubernetes"
+  return None
+
+
+def initialize_distributed() -> str | None:
+  """Joins a multi-process run when the environment describes one; returns how (None: a
+  single process, nothing done). Call it before anything else touches JAX.
+
+  - JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID set: those (hand launches,
+    the Kubernetes JobSet in launch/).
+  - MOBY_DISTRIBUTED=1: `jax.distributed.initialize()` with no arguments, which asks the
+    cluster (Cloud TPU VMs: launch/tpu_pod.sh). MOBY_DISTRIBUTED=0: never initialise.
+  - Otherwise a cluster_environment() (SLURM, Open MPI, GKE TPU, Kubernetes with jax[k8s]):
+    `jax.distributed.initialize()`. Under SLURM with one task per node, every GPU of the
+    node is given to that task (JAX would give it one).
   """
   if "JAX_COORDINATOR_ADDRESS" in os.environ:
     jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"],
                                int(os.environ["JAX_NUM_PROCESSES"]),
                                int(os.environ["JAX_PROCESS_ID"]))
-  elif os.environ.get("MOBY_DISTRIBUTED") == "1":
-    jax.distributed.initialize()
+    return "explicit"
+  forced = os.environ.get("MOBY_DISTRIBUTED")
+  if forced == "0":
+    return None
+  cluster = "requested" if forced == "1" else cluster_environment()
+  if cluster is None:
+    return None
+  local_device_ids = None
+  if cluster == "slurm" and _int_env("SLURM_NTASKS_PER_NODE", 0) == 1:
+    gpus = _int_env("SLURM_GPUS_ON_NODE", 0)
+    local_device_ids = list(range(gpus)) if gpus else None
+  jax.distributed.initialize(local_device_ids=local_device_ids)
+  return cluster
 
 
 def make_mesh(devices=None) -> Mesh:

@@ -2,6 +2,7 @@
 step loop's host syncs; a SIGTERM to one of the processes."""
 
 import json
+import os
 import pathlib
 import signal
 import socket
@@ -17,7 +18,8 @@ from moby_jax import checkpoint, parallel
 from test_data import write_folder
 from test_program import assert_states_identical
 
-WORKER = pathlib.Path(__file__).resolve().parent / "multiprocess_worker.py"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "multiprocess_worker.py"
 EPOCHS = 2  # 24 images at batch 8: 6 steps
 
 
@@ -78,12 +80,19 @@ def test_two_processes_equal_one(tmp_path):
   assert int(multi["queue_ptr"]) == int(single["queue_ptr"]) == (3 * 8) % 16
 
 
-def test_training_program_on_two_processes(data, two_processes, tmp_path):
+@pytest.fixture(scope="module")
+def one_process(data, tmp_path_factory):
+  """The same run in 1 process x 4 devices."""
+  workdir = tmp_path_factory.mktemp("single")
+  _launch("program", 1, 4, data, workdir, EPOCHS)
+  return workdir
+
+
+def test_training_program_on_two_processes(two_processes, one_process):
   """The loop, the per-process data slices and the shared orbax checkpoints: 2 processes x
   2 devices give the final state of 1 process x 4 devices."""
   multi_dir, logs = two_processes
-  _launch("program", 1, 4, data, tmp_path / "single", EPOCHS)
-  single, _ = checkpoint.load_state(tmp_path / "single", mesh=_one_device())
+  single, _ = checkpoint.load_state(one_process, mesh=_one_device())
   multi, _ = checkpoint.load_state(multi_dir, mesh=_one_device())
   assert int(multi.step) == int(single.step) == 6
   assert rel_err(multi.queue1, single.queue1) < 1e-5
@@ -129,3 +138,61 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes_exactly(
   resumed, _ = checkpoint.load_state(workdir, mesh=_one_device())
   expected, _ = checkpoint.load_state(uninterrupted, mesh=_one_device())
   assert_states_identical(resumed, expected)
+
+
+def slurm_command() -> str:
+  """The command launch/slurm.sbatch runs in every task (what follows `srun [options]`)."""
+  script = (ROOT / "launch" / "slurm.sbatch").read_text().replace("\\\n", " ")
+  line = next(line for line in script.splitlines() if line.startswith("srun "))
+  return "python3 " + line.split(" python3 ", 1)[1]
+
+
+def test_the_slurm_script_runs_two_tasks_like_one_process(data, one_process, tmp_path):
+  """launch/slurm.sbatch's own command in 2 tasks of a faked srun step on 127.0.0.1 (the
+  SLURM variables srun sets; JAX finds the coordinator, count and ranks in them)."""
+  workdir = tmp_path / "slurm"
+  overrides = ["--config.moby.queue_size=32", "--config.moby.proj_hidden_dim=32",
+               "--config.moby.pred_hidden_dim=32", "--config.moby.proj_dim=16",
+               "--config.data.dataset=folder", f"--config.data.path={data}",
+               "--config.data.batch_size=8", "--config.data.num_workers=2",
+               f"--config.train.epochs={EPOCHS}", "--config.train.warmup_epochs=1",
+               "--config.train.checkpoint_every_steps=100"]
+  env = dict(os.environ, CONFIG="configs/moby_swin_tiny.py:runlocal", WORKDIR=str(workdir),
+             DATA_DIR=str(tmp_path / "unused"), SLURM_JOB_ID="4242",
+             SLURM_STEP_NODELIST="127.0.0.1", SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2",
+             JAX_COORDINATOR_PORT=str(_free_port()), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             PATH=f"{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+  procs = [subprocess.Popen(["bash", "-c", slurm_command(), "bash", *overrides], cwd=ROOT,
+                            env=dict(env, SLURM_PROCID=str(i), SLURM_LOCALID=str(i)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  logs = _finish(procs)
+  assert "4 device(s), 2 process(es)" in logs[0]
+  slurm, _ = checkpoint.load_state(workdir, mesh=_one_device())
+  single, _ = checkpoint.load_state(one_process, mesh=_one_device())
+  assert int(slurm.step) == int(single.step) == 6
+  # The keys of the last steps (the queues) carry the whole computation; parameters with
+  # an exactly-zero gradient differ by Adam-amplified rounding noise (README, Tests).
+  for queue in ("queue1", "queue2"):
+    assert rel_err(getattr(slurm, queue), getattr(single, queue)) < 1e-5
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({}, None),
+    ({"SLURM_JOB_ID": "1", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "16",
+      "SLURM_PROCID": "3", "SLURM_LOCALID": "3"}, "slurm"),
+    ({"SLURM_JOB_ID": "1", "SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "1",
+      "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}, None),  # one task: a single process
+    ({"OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:4000", "OMPI_COMM_WORLD_SIZE": "4"},
+     "openmpi"),
+    ({"TPU_WORKER_HOSTNAMES": "t-0,t-1,t-2,t-3"}, "tpu"),
+    ({"TPU_WORKER_HOSTNAMES": "t-0"}, None),
+])
+def test_cluster_environments_are_recognised(monkeypatch, env, expected):
+  for name in list(os.environ):
+    if name.startswith(("SLURM_", "OMPI_", "TPU_", "KUBERNETES_", "JOB_COMPLETION")):
+      monkeypatch.delenv(name)
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  assert parallel.cluster_environment() == expected
