@@ -8,12 +8,14 @@ falls back to the previous step if the latest one cannot be read.
 """
 
 import json
-import pathlib
 from typing import Any
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
+
+from moby_jax import files
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
@@ -27,14 +29,14 @@ def config_to_dict(config) -> dict:
 def save_config(workdir, config) -> None:
   """Writes WORKDIR/config.json (only process 0 writes)."""
   if jax.process_index() == 0:
-    path = pathlib.Path(workdir)
+    path = files.path(workdir)
     path.mkdir(parents=True, exist_ok=True)
     (path / CONFIG_FILE).write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
 
 
 def load_config(path) -> ml_collections.ConfigDict:
   """The config saved in a workdir (config.json) or in one checkpoint step directory."""
-  path = pathlib.Path(path)
+  path = files.path(path)
   for candidate in (path / CONFIG_FILE, path / "config" / "metadata"):
     if candidate.is_file():
       return ml_collections.ConfigDict(json.loads(candidate.read_text()))
@@ -49,7 +51,7 @@ class Checkpointer:
     self.config = config
     self.every_steps = every_steps
     self.manager = ocp.CheckpointManager(
-        pathlib.Path(workdir).absolute() / CHECKPOINTS,
+        files.path(workdir) / CHECKPOINTS,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                              enable_async_checkpointing=async_save))
 
@@ -98,9 +100,9 @@ class Checkpointer:
     self.manager.close()
 
 
-def _split(path) -> tuple[pathlib.Path, int | None]:
+def _split(path) -> tuple[epath.Path, int | None]:
   """A workdir or a step directory -> (workdir, step or None)."""
-  path = pathlib.Path(path).absolute()
+  path = files.path(path)
   if path.name.isdigit() and path.parent.name == CHECKPOINTS:
     return path.parent.parent, int(path.name)
   return path, None
@@ -149,10 +151,10 @@ def load_state(path, step: int | None = None, mesh=None):
   return restored[0], config
 
 
-def write_state(workdir, state, config) -> pathlib.Path:
+def write_state(workdir, state, config) -> epath.Path:
   """Writes `state` as the complete checkpoint of step int(state.step), with config.json,
   so that train.py resumes from it (the data stream continues at that step)."""
-  workdir = pathlib.Path(workdir).absolute()
+  workdir = files.path(workdir)
   if (workdir / CHECKPOINTS).is_dir() and any((workdir / CHECKPOINTS).iterdir()):
     raise FileExistsError(f"{workdir / CHECKPOINTS} already holds checkpoints")
   step = int(jax.device_get(state.step))

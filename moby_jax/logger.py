@@ -2,10 +2,11 @@
 
 import json
 import math
-import pathlib
 import time
 
 import jax
+
+from moby_jax import files
 
 
 class MetricLogger:
@@ -22,9 +23,8 @@ class MetricLogger:
     self.main = jax.process_index() == 0
     self.writer = self.jsonl = None
     if self.main:
-      from tensorboardX import SummaryWriter
-      self.writer = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
-      self.jsonl = open(pathlib.Path(workdir) / "metrics.jsonl", "a")
+      self.writer = files.tensorboard_writer(files.path(workdir) / "tensorboard")
+      self.jsonl = files.AppendFile(files.path(workdir) / "metrics.jsonl")
     self._reset(time.perf_counter())
 
   def _reset(self, now: float) -> None:

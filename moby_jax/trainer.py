@@ -8,7 +8,6 @@ and return (train.py then exits 0).
 """
 
 import json
-import pathlib
 import time
 
 import jax
@@ -16,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from moby_jax import checkpoint, evaluate, moby, optim, parallel, preemption, train_step
+from moby_jax import checkpoint, evaluate, files, moby, optim, parallel, preemption, train_step
 from moby_jax.data import loader as loaders
 from moby_jax.data import sources
 from moby_jax.data.sources import build_source
@@ -172,7 +171,7 @@ def _pretrain(config, workdir, mesh) -> dict:
   started = time.perf_counter()
   if stopped := _stopped("start-up"):
     return stopped
-  workdir = pathlib.Path(workdir)
+  workdir = files.path(workdir)
   mesh = parallel.make_mesh() if mesh is None else mesh
   # Everything that can be wrong with the config or the data fails here, before compiling.
   source = build_source(config.data, "train")
@@ -276,7 +275,7 @@ def _online_encoder(state) -> dict:
   return variables
 
 
-def _export(workdir: pathlib.Path) -> pathlib.Path:
+def _export(workdir):
   """The final checkpoint in the official MoBY format (SPEC §5), for PyTorch, via the
   conversion CLI (which embeds `meta` and re-checks the written file)."""
   from convert.__main__ import main as convert_main
@@ -349,7 +348,7 @@ def _load_encoder(config) -> dict:
   linear.step checkpoint) or a .pth (official MoBY format or a bare backbone)."""
   from convert.backbone import torch_to_flax
   from convert.pth import read_pth
-  src = pathlib.Path(config.linear.source) if config.linear.source else None
+  src = files.path(config.linear.source) if config.linear.source else None
   if src is None or not src.exists():
     raise FileNotFoundError(f"linear.source={config.linear.source!r}: give a pre-training "
                             "workdir or a .pth file")
@@ -395,10 +394,10 @@ def _linear_eval(config, workdir, mesh) -> dict:
   optim.check_schedule(config)
   build_encoder(config.model)
   encoder = _load_encoder(config)
-  result = _linear_run(config, encoder, mesh, source, val_source, pathlib.Path(workdir))
+  result = _linear_run(config, encoder, mesh, source, val_source, files.path(workdir))
   result["seconds"] = round(time.perf_counter() - started, 1)
   if _main() and not result["preempted"]:
-    (pathlib.Path(workdir) / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    (files.path(workdir) / "results.json").write_text(json.dumps(result, indent=2) + "\n")
   say(json.dumps(result, indent=2))
   return result
 
@@ -407,7 +406,7 @@ def _linear_run(config, encoder_variables, mesh, source, val_source, workdir,
                 fns=None) -> dict:
   """Trains the linear head (resuming from WORKDIR's checkpoints) and evaluates it.
   `fns`: (step, eval) functions of `config` to reuse, instead of compiling new ones."""
-  workdir = pathlib.Path(workdir)
+  workdir = files.path(workdir)
   if config.data.batch_size % mesh.size:
     raise ValueError(f"data.batch_size ({config.data.batch_size}) must be divisible by the "
                      f"number of devices ({mesh.size})")
