@@ -445,6 +445,34 @@ def is_plain(value) -> bool:
   return value is None or isinstance(value, (str, int, float, bool))
 
 
+@pytest.mark.parametrize("family", ["swin", "deit"])
+def test_the_cli_writes_exactly_what_to_pytorch_returns(family, request):
+  run_ = request.getfixturevalue(family)
+  fmts = SWIN_FORMATS if family == "swin" else DEIT_FORMATS
+  files = {(fmt, "online"): run_.paths[fmt] for fmt in fmts}
+  files["backbone", "target"] = run_.paths["target"]
+  for fmt in fmts:
+    if (fmt, "target") not in files and fmt != "official":  # official holds both branches
+      files[fmt, "target"] = run_.tmp / f"{fmt}_target.pth"
+      assert main(["export", str(run_.workdir), "--format", fmt, "--branch", "target", "-o",
+                   str(files[fmt, "target"])]) == 0
+  for (fmt, branch), path in files.items():
+    written = load(path)
+    want = convert.to_pytorch(run_.state, run_.config, fmt, branch=branch,
+                              source=str(run_.workdir.absolute()))
+    assert written["meta"] == want["meta"], (fmt, branch)
+    assert set(written) == set(want), (fmt, branch)
+    entry = names.FORMATS[fmt].container
+    assert set(written[entry]) == set(want[entry]), (fmt, branch)
+    for name, value in want[entry].items():
+      got = written[entry][name].numpy()
+      assert got.dtype == value.dtype and got.shape == value.shape, (fmt, branch, name)
+      assert got.tobytes() == value.tobytes(), (fmt, branch, name)
+  # Apart from where the state came from, a file's meta is the library's default.
+  default = convert.to_pytorch(run_.state, run_.config, "official")["meta"]
+  assert {**load(files["official", "online"])["meta"], "source": ""} == default
+
+
 def test_meta_is_plain_and_describes_the_export(swin):
   for name, path in swin.paths.items():
     meta = load(path)["meta"]
