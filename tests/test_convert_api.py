@@ -12,7 +12,7 @@ import pytest
 
 import convert
 from configs import moby_deit_small
-from conftest import fixture_config
+from conftest import assert_trees_equal, fixture_config
 from convert import consumers, inspection, pth
 from moby_jax import create_train_state, parallel
 
@@ -49,15 +49,6 @@ def encoder(state, branch):
   if "encoder" in getattr(state, stats):
     out["batch_stats"] = getattr(state, stats)["encoder"]
   return out
-
-
-def assert_trees_equal(a, b):
-  flat_a = jax.tree_util.tree_flatten_with_path(a)[0]
-  flat_b = jax.tree_util.tree_flatten_with_path(b)[0]
-  assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
-  for (path, x), (_, y) in zip(flat_a, flat_b):
-    x, y = np.asarray(x), np.asarray(y)
-    assert x.dtype == y.dtype and np.array_equal(x, y), path
 
 
 # ---------------------------------------------------------------- backbone files -> encoders

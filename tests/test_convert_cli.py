@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import convert
-from conftest import nchw, rel_err
+from conftest import assert_trees_equal, nchw, rel_err
 from convert import consumers, export, names, pth
 from convert.__main__ import load_config, main
 from moby_jax import checkpoint, encode, parallel
@@ -298,15 +298,6 @@ def test_variants_the_target_cannot_express_are_refused(fields, fmt, message):
 
 
 # ------------------------------------------------------------------------ round trips
-
-
-def assert_trees_equal(a, b):
-  flat_a = jax.tree_util.tree_flatten_with_path(a)[0]
-  flat_b = jax.tree_util.tree_flatten_with_path(b)[0]
-  assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
-  for (path, x), (_, y) in zip(flat_a, flat_b):
-    x, y = np.asarray(x), np.asarray(y)
-    assert x.dtype == y.dtype and np.array_equal(x, y), path
 
 
 @pytest.mark.parametrize("family", ["swin", "deit"])
