@@ -28,9 +28,6 @@ from moby_jax.models import build_encoder
 from moby_jax.state import TrainState
 from moby_jax.train_step import abstract_state, create_train_state
 
-ENCODER_PREFIXES = {"online": "encoder.", "target": "encoder_k."}  # in official files
-
-
 def state_dict_of(content: Any, what: str = "checkpoint") -> tuple[str | None, dict]:
   """(entry name, {name: numpy array}) of a loaded file: its "state_dict" or "model" entry,
   or the content itself when it is a bare state_dict (entry None). PthError otherwise."""
@@ -82,7 +79,7 @@ def _key_problems(sd: Mapping[str, Any], fmt: str, model, prefix: str) -> list[s
 
 def _encoder(sd: Mapping[str, Any], fmt: str, model, branch: str, what: str) -> dict:
   """The variables of one encoder held by a state_dict in format `fmt`."""
-  if branch not in ENCODER_PREFIXES:
+  if branch not in moby_convert.BRANCHES:
     raise ValueError(f"branch must be online or target, got {branch!r}")
   if fmt != "official" and branch != "online":
     raise FormatError(f"{what} is a {fmt} file: it holds one encoder; branch='target' "
@@ -91,7 +88,7 @@ def _encoder(sd: Mapping[str, Any], fmt: str, model, branch: str, what: str) -> 
   if model.num_classes and fmt not in HEAD_FORMATS:
     raise FormatError(f"a {fmt} file holds no classification head; build the encoder with "
                       f"num_classes=0 (it has {model.num_classes})")
-  prefix = ENCODER_PREFIXES[branch] if fmt == "official" else ""
+  prefix = moby_convert.BRANCHES[branch][0] if fmt == "official" else ""
   problems = _key_problems(sd, fmt, model, prefix)
   if problems:
     raise StateDictMismatch(

@@ -19,9 +19,9 @@ from moby_jax import moby, optim, parallel
 from moby_jax.state import TrainState
 from moby_jax.train_step import abstract_state, check_config
 
-# Train-state fields (params, batch statistics) of each encoder branch.
-BRANCH_FIELDS = {"online": ("params", "batch_stats"),
-                 "target": ("target_params", "target_batch_stats")}
+# Per encoder branch: (prefix in the official state_dict, params field, batch-stats field).
+BRANCHES = {"online": ("encoder.", "params", "batch_stats"),
+            "target": ("encoder_k.", "target_params", "target_batch_stats")}
 
 
 def _parts(config):
@@ -29,8 +29,8 @@ def _parts(config):
   online, target = moby.build_branches(config)
   # The heads have no buffers, so they need no module (their shapes come from the state).
   return [
-      ("encoder.", "params", "batch_stats", "encoder", online.encoder),
-      ("encoder_k.", "target_params", "target_batch_stats", "encoder", target.encoder),
+      (*BRANCHES["online"], "encoder", online.encoder),
+      (*BRANCHES["target"], "encoder", target.encoder),
       ("projector.", "params", "batch_stats", "projector", None),
       ("projector_k.", "target_params", "target_batch_stats", "projector", None),
       ("predictor.", "params", "batch_stats", "predictor", None),
@@ -47,18 +47,18 @@ def _variables(state, params_field, stats_field, key) -> dict:
 
 def encoder_variables(state, config, branch: str = "online"):
   """(variables, module) of the online or target encoder of a train state."""
-  if branch not in BRANCH_FIELDS:
+  if branch not in BRANCHES:
     raise ValueError(f"branch must be online or target, got {branch!r}")
   online, target = moby.build_branches(config)
   module = (online if branch == "online" else target).encoder
-  return _variables(state, *BRANCH_FIELDS[branch], "encoder"), module
+  return _variables(state, *BRANCHES[branch][1:], "encoder"), module
 
 
 def with_encoder(state: TrainState, variables: Mapping[str, Any]) -> TrainState:
   """`state` with `variables` ({"params"(, "batch_stats")}) as both the online and the
   target encoder (the target starts as a copy of the online network)."""
   fields = {}
-  for params_field, stats_field in BRANCH_FIELDS.values():
+  for _, params_field, stats_field in BRANCHES.values():
     fields[params_field] = {**getattr(state, params_field), "encoder": variables["params"]}
     if "batch_stats" in variables:
       fields[stats_field] = {**getattr(state, stats_field),
