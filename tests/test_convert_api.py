@@ -137,7 +137,8 @@ def test_buffers_a_format_drops_are_checked_when_a_file_holds_them(swin):
     assert_trees_equal(convert.encoder_from_pytorch(sd, config.model, fmt=fmt),
                        encoder(state, "online"))
     sd[renamed] = np.zeros_like(sd[renamed])
-    with pytest.raises(convert.StateDictMismatch, match="wrong buffer: layers.0.blocks.1.attn_mask"):
+    with pytest.raises(convert.StateDictMismatch,
+                       match="wrong buffer: layers.0.blocks.1.attn_mask"):
       convert.encoder_from_pytorch(sd, config.model, fmt=fmt)
     sd[renamed] = sd[renamed][:2]
     with pytest.raises(convert.StateDictMismatch, match=f"shape mismatch: {renamed}"):

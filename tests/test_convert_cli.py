@@ -416,7 +416,7 @@ def test_loader_simulations(swin):
   timm_pretrained = consumers.loaders("backbone", model)[1]
   assert consumers.run_loader(timm_pretrained, load(swin.paths["backbone"])) == (61, [])
   shifted = consumers.Loader("filter", consumers.select_timm_pretrained_swin,
-                           timm_pretrained.required)
+                             timm_pretrained.required)
   assert consumers.run_loader(shifted, load(swin.paths["timm"]))[0] < 61
   assert consumers.run_loader(timm_checkpoint, load(swin.paths["timm"])) == (61, [])
   # With a head (--num-classes) both timm readers take the timm file whole.
