@@ -1,5 +1,6 @@
 """`python -m convert`: export moby_jax checkpoints as PyTorch `.pth` files, import released
-MoBY checkpoints, inspect `.pth` files. The maps and checks live in `convert.formats`.
+MoBY checkpoints, inspect `.pth` files: a thin layer over the `convert` package
+(`convert.save`, `convert.from_pytorch`, `convert.inspection`).
 
   python -m convert export WORKDIR_OR_STEP_DIR --format F -o OUT.pth [--step N]
       [--branch online|target] [--num-classes N] [--force]
@@ -13,7 +14,6 @@ export or import writes nothing.
 
 import argparse
 import json
-import os
 import pathlib
 import shutil
 import sys
@@ -21,21 +21,20 @@ import textwrap
 from collections.abc import Mapping
 
 import jax
-import numpy as np
-import torch
 from absl import flags
 from ml_collections import config_flags
 
 import convert
 import moby_jax
-from convert import formats, pth
+from convert import inspection, keys, load, names, pth
+from convert.meta import architecture
 from moby_jax import checkpoint, parallel
 from moby_jax.models import build_encoder
 
 FORMAT_HELP = "\n".join(
     [textwrap.fill(f"{spec.summary}, in {{{spec.container!r}: ...}}", 78,
                    initial_indent=f"  {name:9s} ", subsequent_indent=" " * 12)
-     for name, spec in formats.FORMATS.items()]
+     for name, spec in names.FORMATS.items()]
     + ["  mmdet and mmseg are Swin only: a DeiT encoder is refused (OpenMMLab has no",
        "  Swin-style mapping for it; use backbone). mmdet/mmseg/timm also refuse the",
        "  MoBY-BN variant, ape=True and patch_norm=False, which their Swin cannot",
@@ -68,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
           "only with --force; a failed check leaves no file.", 80),
       epilog="formats:\n" + FORMAT_HELP)
   export.add_argument("source", help="training workdir or checkpoint step directory")
-  export.add_argument("--format", required=True, choices=list(formats.FORMATS))
+  export.add_argument("--format", required=True, choices=list(names.FORMATS))
   export.add_argument("-o", "--output", required=True, help="the .pth file to write")
   export.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
   export.add_argument("--branch", choices=("online", "target"),
@@ -124,11 +123,6 @@ def load_config(spec: str, overrides: list[str]):
 
 
 def cmd_export(args) -> int:
-  out = pathlib.Path(args.output)
-  if out.exists() and not args.force:
-    raise CliError(f"{out} exists; pass --force to overwrite it")
-  if not out.parent.is_dir():
-    raise CliError(f"{out.parent} is not a directory")
   if pathlib.Path(args.source).is_file():
     raise CliError(f"{args.source} is a file: export reads a training workdir or checkpoint "
                    "step directory (import a released .pth into a workdir first)")
@@ -140,29 +134,15 @@ def cmd_export(args) -> int:
   if not isinstance(state, moby_jax.TrainState):
     raise CliError(f"{args.source} holds a {type(state).__name__}, not a MoBY pre-training "
                    "state")
-  branch = args.branch or "online"
-  content, model, source = formats.build(state, config, args.format, branch, args.num_classes)
-  meta = formats.make_meta(args.format, model, config, int(jax.device_get(state.step)),
-                           str(pathlib.Path(args.source).absolute()), branch, args.num_classes,
-                           moby_jax.__version__)
-  # Written beside the output and checked before it takes the output's name, so that a
-  # failed check leaves nothing behind.
-  tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-  try:
-    pth.write_pth(tmp, {**content, "meta": meta})
-    written = torch.load(tmp, map_location="cpu", weights_only=True)
-    report = formats.verify(written, args.format, model, source, meta, config,
-                            args.num_classes)
-    if out.exists() and not args.force:
-      raise CliError(f"{out} appeared while exporting; pass --force to overwrite it")
-    os.replace(tmp, out)
-  finally:
-    tmp.unlink(missing_ok=True)
-  entry = formats.FORMATS[args.format].container
-  print(f"wrote {out}: format {args.format} ({len(content[entry])} tensors in {entry!r}), "
-        f"step {meta['step']}, {meta['branch']} encoder, variant {config.model.get('name')}")
+  saved = convert.save(state, config, args.output, args.format, args.branch or "online",
+                       args.num_classes, source=str(pathlib.Path(args.source).absolute()),
+                       force=args.force)
+  entry = names.FORMATS[args.format].container
+  print(f"wrote {saved.path}: format {args.format} ({saved.tensors} tensors in {entry!r}), "
+        f"step {saved.meta['step']}, {saved.meta['branch']} encoder, variant "
+        f"{config.model.get('name')}")
   print("checked: key set and shapes, float32 and finite values, inverse map bit-exact")
-  for line in report:
+  for line in saved.loaders:
     print(f"  {line}")
   return 0
 
@@ -172,10 +152,10 @@ def cmd_export(args) -> int:
 
 def _describe(fields: Mapping) -> str:
   """The architecture-defining entries of encoder or head fields, as text."""
-  keys = ("embed_dim", "depths", "depth", "num_heads", "window_size", "patch_size", "img_size",
-          "proj_layers", "proj_hidden_dim", "proj_dim", "pred_layers", "pred_hidden_dim",
-          "queue_size")
-  return ", ".join(f"{k} {fields[k]}" for k in keys if fields.get(k) is not None)
+  shown = ("embed_dim", "depths", "depth", "num_heads", "window_size", "patch_size",
+           "img_size", "proj_layers", "proj_hidden_dim", "proj_dim", "pred_layers",
+           "pred_hidden_dim", "queue_size")
+  return ", ".join(f"{k} {fields[k]}" for k in shown if fields.get(k) is not None)
 
 
 def _import_step(args, ckpt, config) -> int:
@@ -187,17 +167,11 @@ def _import_step(args, ckpt, config) -> int:
   return 0
 
 
-def _official_state_dict(path, ckpt) -> dict[str, np.ndarray]:
-  if not isinstance(ckpt, Mapping):
-    raise CliError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
-  entry, sd = formats.container_of(ckpt)
-  if entry is None and not any(isinstance(v, torch.Tensor) for v in ckpt.values()):
-    raise CliError(f"{path} is not a checkpoint: no 'model' or 'state_dict' entry "
-                   f"(top-level entries: {', '.join(map(str, list(ckpt)[:6]))})")
-  sd = pth.state_dict_arrays(sd, f"{path} ({entry or 'top level'})")
-  fmt = formats.detect(sd)
+def _official_state_dict(path, ckpt) -> dict:
+  sd = load.state_dict_of(ckpt, str(path))[1]
+  fmt = inspection.detect(sd)
   if fmt != "official":
-    raise CliError(f"{path} is a {fmt} file ({formats.FORMATS[fmt].summary}); import needs "
+    raise CliError(f"{path} is a {fmt} file ({names.FORMATS[fmt].summary}); import needs "
                    "an official MoBY checkpoint (encoder, encoder_k, projector, projector_k, "
                    "predictor, queues)")
   return sd
@@ -229,17 +203,17 @@ def cmd_import(args, overrides) -> int:
   step = _import_step(args, ckpt, config)
   mesh = parallel.make_mesh(jax.devices()[:1])  # the state only passes through this host
   try:
-    state = convert.from_pytorch({"model": sd}, config, step=step, mesh=mesh)
+    state = convert.from_pytorch(sd, config, "official", step=step, mesh=mesh)
   except convert.StateDictMismatch as err:
     heads = ("proj_layers", "proj_hidden_dim", "proj_dim", "pred_layers", "pred_hidden_dim",
              "queue_size")
     encoder = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
     try:
-      held = _describe({**formats.infer_architecture(encoder)[0],
-                        **formats.infer_moby_heads(sd)})
+      held = _describe({**inspection.infer_architecture(encoder)[0],
+                        **inspection.infer_moby_heads(sd)})
     except (KeyError, TypeError, IndexError, ValueError):
       held = "a state whose architecture cannot be read from its shapes"
-    wanted = _describe({**formats.architecture(build_encoder(config.model), None),
+    wanted = _describe({**architecture(build_encoder(config.model), None),
                         **{k: config.moby.get(k) for k in heads}})
     raise CliError(f"{args.input} does not fit config {args.config}:\n  the file holds "
                    f"{held}\n  the config builds {config.model.get('name')}: {wanted}\n{err}"
@@ -248,7 +222,7 @@ def cmd_import(args, overrides) -> int:
   try:
     checkpoint.write_state(workdir, state, config)
     restored, _ = checkpoint.load_state(workdir, mesh=mesh)
-    back = convert.to_pytorch(restored, config)["model"]
+    back = convert.to_pytorch(restored, config, meta=False)["model"]
     # Bit-exact in the state's dtypes (a float16 file is stored as float32).
     differ = [k for k, v in sd.items() if back[k].shape != v.shape
               or back[k].tobytes() != v.astype(back[k].dtype).tobytes()]
@@ -274,20 +248,17 @@ def _moby_config(model_fields: Mapping, sd: Mapping):
   from configs import moby_swin_tiny
   config = moby_swin_tiny.get_config()
   config.model = dict(model_fields)
-  config.moby.update(formats.infer_moby_heads(sd))
+  config.moby.update(inspection.infer_moby_heads(sd))
   return config
 
 
 def cmd_inspect(args) -> int:
   ckpt = pth.read_pth(args.file)
-  if not isinstance(ckpt, Mapping):
-    raise CliError(f"{args.file} holds a {type(ckpt).__name__}, not a checkpoint dict")
-  entry, raw = formats.container_of(ckpt)
-  sd = pth.state_dict_arrays(raw, f"{args.file} ({entry or 'top level'})")
-  fmt = formats.detect(sd)
+  entry, sd = load.state_dict_of(ckpt, args.file)
+  fmt = inspection.detect(sd)
   meta = ckpt.get("meta")
   print(f"file:         {args.file}")
-  print(f"format:       {fmt} ({formats.FORMATS[fmt].summary}); tensors in "
+  print(f"format:       {fmt} ({names.FORMATS[fmt].summary}); tensors in "
         f"{entry or 'the top level'}")
   if isinstance(meta, Mapping) and meta.get("format") not in (None, fmt):
     print(f"note:         meta says format {meta.get('format')!r}")
@@ -295,31 +266,31 @@ def cmd_inspect(args) -> int:
              if fmt == "official" else sd)
   fam = "deit" if "cls_token" in encoder else "swin"
   try:
-    fields, notes = formats.infer_architecture(formats.to_original_names(fmt, encoder, fam))
-    model_fields, more = formats.model_config(fields)
+    fields, notes = inspection.infer_architecture(names.to_original_names(fmt, encoder, fam))
+    model_fields, more = inspection.model_config(fields)
     model = build_encoder(model_fields)
     config = _moby_config(model_fields, sd) if fmt == "official" else None
   except (KeyError, IndexError, TypeError, ValueError) as err:
     raise CliError(f"{args.file}: cannot infer the architecture from the key shapes "
                    f"({type(err).__name__}: {err})") from None
-  print(f"architecture: {formats.match_variant(fields) or 'custom'} ({fam}): "
+  print(f"architecture: {inspection.match_variant(fields) or 'custom'} ({fam}): "
         + ", ".join(f"{k} {'?' if v is None else v}" for k, v in fields.items()))
   if fields.get("img_size") is None and isinstance(meta, Mapping):
     notes.append(f"meta gives img_size {meta.get('architecture', {}).get('img_size')}")
   for note in notes + more:
     print(f"              {note}")
   if fmt == "official":
-    parts = {p: formats.parameter_count({k: v for k, v in sd.items() if k.startswith(p + ".")})
+    parts = {p: inspection.parameter_count({k: v for k, v in sd.items() if k.startswith(p + ".")})
              for p in ("encoder", "encoder_k", "projector", "projector_k", "predictor")}
-    print(f"heads:        {formats.infer_moby_heads(sd)}")
+    print(f"heads:        {inspection.infer_moby_heads(sd)}")
     print(f"parameters:   {sum(parts.values()):,} ("
           + ", ".join(f"{p} {n:,}" for p, n in parts.items()) + ")")
   else:
-    print(f"parameters:   {formats.parameter_count(sd):,}")
+    print(f"parameters:   {inspection.parameter_count(sd):,}")
   print("meta:         " + (json.dumps(meta, indent=2, default=str)
                             .replace("\n", "\n              ")
                             if meta is not None else "none"))
-  problems = formats.compare_keys(sd, formats.expected_keys(fmt, model, config))
+  problems = keys.compare_keys(sd, keys.expected_keys(fmt, model, config))
   if not problems:
     print(f"keys:         {len(sd)}, exactly the {fmt} key list with its shapes")
     return 0

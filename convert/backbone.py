@@ -50,7 +50,7 @@ def _torch_name(collection: str, path: tuple[str, ...], ndim: int):
   return (f"{prefix}.{name}" if prefix else name), axes
 
 
-def _buffers(model) -> dict[str, np.ndarray]:
+def geometry_buffers(model) -> dict[str, np.ndarray]:
   """The non-learned PyTorch buffers of `model`, as the original registers them."""
   out = {}
   if isinstance(model, SwinTransformer):
@@ -85,7 +85,7 @@ def flax_to_torch(variables: Mapping[str, Any], model, prefix: str = "") -> dict
       value = value.transpose(axes)
     dtype = np.int64 if path[-1] in _INT_LEAVES else value.dtype
     out[prefix + name] = value.astype(dtype, order="C")  # a C-ordered copy, 0-d kept 0-d
-  out.update({prefix + k: v for k, v in _buffers(model).items()})
+  out.update({prefix + k: v for k, v in geometry_buffers(model).items()})
   return out
 
 
@@ -101,7 +101,7 @@ def expected_torch_shapes(model, prefix: str = "", abstract=None) -> dict[str, t
     name, axes = _torch_name(collection, tuple(path), len(leaf.shape))
     shape = tuple(leaf.shape)
     shapes[prefix + name] = tuple(shape[a] for a in axes) if axes else shape
-  shapes.update({prefix + k: v.shape for k, v in _buffers(model).items()})
+  shapes.update({prefix + k: v.shape for k, v in geometry_buffers(model).items()})
   return shapes
 
 
@@ -117,7 +117,7 @@ def torch_to_flax(state_dict: Mapping[str, Any], model, prefix: str = "",
   given = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
   abstract = abstract_variables(model) if abstract is None else abstract
   abstract = traverse_util.flatten_dict(dict(abstract))
-  buffers = _buffers(model)
+  buffers = geometry_buffers(model)
   expected = {}
   for flax_path, leaf in abstract.items():
     name, axes = _torch_name(flax_path[0], tuple(flax_path[1:]), len(leaf.shape))

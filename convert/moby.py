@@ -1,8 +1,9 @@
-"""Whole MoBY train states <-> the official MoBY PyTorch checkpoint (SPEC §5).
+"""Whole MoBY train states <-> the state_dict of the official MoBY checkpoint (SPEC §5),
+and the encoders inside a train state.
 
-`{"model": state_dict}` with `encoder.`/`encoder_k.` backbones, `projector.`,
-`projector_k.`, `predictor.` heads (`linear_hidden.{1,2,...}`, `linear_out`), `queue1`,
-`queue2` as (dim, K) and `queue_ptr` as an int64 (1,) tensor.
+The official file is `{"model": state_dict}` with `encoder.`/`encoder_k.` backbones,
+`projector.`, `projector_k.`, `predictor.` heads (`linear_hidden.{1,2,...}`, `linear_out`),
+`queue1`, `queue2` as (dim, K) and `queue_ptr` as an int64 (1,) tensor.
 """
 
 from collections.abc import Mapping
@@ -18,7 +19,9 @@ from moby_jax import moby, optim, parallel
 from moby_jax.state import TrainState
 from moby_jax.train_step import abstract_state, check_config
 
-FORMATS = ("official",)
+# Per encoder branch: (prefix in the official state_dict, params field, batch-stats field).
+BRANCHES = {"online": ("encoder.", "params", "batch_stats"),
+            "target": ("encoder_k.", "target_params", "target_batch_stats")}
 
 
 def _parts(config):
@@ -26,8 +29,8 @@ def _parts(config):
   online, target = moby.build_branches(config)
   # The heads have no buffers, so they need no module (their shapes come from the state).
   return [
-      ("encoder.", "params", "batch_stats", "encoder", online.encoder),
-      ("encoder_k.", "target_params", "target_batch_stats", "encoder", target.encoder),
+      (*BRANCHES["online"], "encoder", online.encoder),
+      (*BRANCHES["target"], "encoder", target.encoder),
       ("projector.", "params", "batch_stats", "projector", None),
       ("projector_k.", "target_params", "target_batch_stats", "projector", None),
       ("predictor.", "params", "batch_stats", "predictor", None),
@@ -42,18 +45,36 @@ def _variables(state, params_field, stats_field, key) -> dict:
   return out
 
 
-def to_pytorch(state: TrainState, config, fmt: str = "official") -> dict[str, Any]:
-  """`{"model": state_dict}` (numpy arrays, PyTorch names and layouts) for `state`."""
-  if fmt not in FORMATS:
-    raise ValueError(f"unknown format {fmt!r}; known: {FORMATS}")
-  state = jax.device_get(state)
+def encoder_variables(state, config, branch: str = "online"):
+  """(variables, module) of the online or target encoder of a train state."""
+  if branch not in BRANCHES:
+    raise ValueError(f"branch must be online or target, got {branch!r}")
+  online, target = moby.build_branches(config)
+  module = (online if branch == "online" else target).encoder
+  return _variables(state, *BRANCHES[branch][1:], "encoder"), module
+
+
+def with_encoder(state: TrainState, variables: Mapping[str, Any]) -> TrainState:
+  """`state` with `variables` ({"params"(, "batch_stats")}) as both the online and the
+  target encoder (the target starts as a copy of the online network)."""
+  fields = {}
+  for _, params_field, stats_field in BRANCHES.values():
+    fields[params_field] = {**getattr(state, params_field), "encoder": variables["params"]}
+    if "batch_stats" in variables:
+      fields[stats_field] = {**getattr(state, stats_field),
+                             "encoder": variables["batch_stats"]}
+  return state.replace(**fields)
+
+
+def to_state_dict(state: TrainState, config) -> dict[str, np.ndarray]:
+  """The official state_dict (numpy arrays, PyTorch names and layouts) of a host state."""
   sd = {}
   for prefix, params_field, stats_field, key, module in _parts(config):
     sd.update(flax_to_torch(_variables(state, params_field, stats_field, key), module, prefix))
   sd["queue1"] = np.ascontiguousarray(np.asarray(state.queue1).T)
   sd["queue2"] = np.ascontiguousarray(np.asarray(state.queue2).T)
   sd["queue_ptr"] = np.asarray([state.queue_ptr], np.int64)
-  return {"model": sd}
+  return sd
 
 
 def expected_shapes(config) -> dict[str, tuple[int, ...]]:
@@ -68,9 +89,8 @@ def expected_shapes(config) -> dict[str, tuple[int, ...]]:
   return shapes
 
 
-def from_pytorch(checkpoint: Mapping[str, Any], config, step: int = 0,
-                 mesh=None) -> TrainState:
-  """A train state from an official MoBY checkpoint (`{"model": ...}` or a bare state_dict).
+def to_state(sd: Mapping[str, Any], config, step: int = 0, mesh=None) -> TrainState:
+  """A train state from the state_dict of an official MoBY checkpoint.
 
   Every key is validated (missing, unexpected, mis-shaped keys and wrong buffers are all
   listed in one `StateDictMismatch`). The optimizer state is fresh (the PyTorch one is not
@@ -78,7 +98,6 @@ def from_pytorch(checkpoint: Mapping[str, Any], config, step: int = 0,
   schedules) and the step randomness comes from config.train.seed. The state is placed on
   `mesh` (default: all devices) with the shardings `make_train_step` uses.
   """
-  sd = checkpoint["model"] if "model" in checkpoint else checkpoint
   mesh = parallel.make_mesh() if mesh is None else mesh
   check_config(config, mesh.size)
   abstract = abstract_state(config)

@@ -1,5 +1,8 @@
 """Safe reading and writing of PyTorch `.pth` files (torch.save'd dicts of tensors).
 
+All file access goes through `etils.epath`, so a path may be local or a bucket
+(`gs://...`); torch serialises into and from memory.
+
 Reading never runs code from the file. `torch.load(weights_only=True)` comes first; the
 released MoBY checkpoints also pickle a yacs config (and optimizer/amp state), which
 weights_only refuses, so the fallback unpickler resolves only the globals torch itself
@@ -8,7 +11,7 @@ into an inert `ForeignObject` stand-in.
 """
 
 import _compat_pickle
-import pathlib
+import io
 import pickle
 import types
 from collections.abc import Mapping
@@ -16,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from etils import epath
 from torch import _weights_only_unpickler
 
 
@@ -79,23 +83,30 @@ _SAFE_PICKLE.Unpickler = _SafeUnpickler
 _SAFE_PICKLE.load = lambda f, **kwargs: _SafeUnpickler(f, **kwargs).load()
 
 
-def read_pth(path) -> Any:
+def read_pth(path, trusted_only: bool = False) -> Any:
   """The object a `.pth` file holds (tensors on the CPU), read without running its code.
 
-  Raises PthError naming the problem for a missing, truncated or non-PyTorch file.
+  `trusted_only`: only `torch.load(weights_only=True)`, no stand-ins for foreign objects
+  (for files this tool wrote). Raises PthError naming the problem for a missing,
+  truncated or non-PyTorch file.
   """
-  path = pathlib.Path(path)
+  path = epath.Path(path)
   if not path.is_file():
     raise PthError(f"{path}: no such file")
+  data = path.read_bytes()
   try:
-    return torch.load(path, map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError:
-    pass  # foreign pickled objects (e.g. a yacs config): read again with stand-ins
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as err:
+    if trusted_only:
+      raise PthError(f"{path} holds objects torch.load(weights_only=True) refuses: "
+                     f"{err}") from None
+    # foreign pickled objects (e.g. a yacs config): read again with stand-ins
   except Exception as err:
     raise PthError(f"{path} is not a readable PyTorch file (truncated or not written by "
                    f"torch.save?): {type(err).__name__}: {err}") from None
   try:
-    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_SAFE_PICKLE)
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False,
+                      pickle_module=_SAFE_PICKLE)
   except Exception as err:
     raise PthError(f"{path} is not a readable PyTorch file (truncated or not written by "
                    f"torch.save?): {type(err).__name__}: {err}") from None
@@ -132,4 +143,6 @@ def _tensors(value):
 
 def write_pth(path, content: Mapping[str, Any]) -> None:
   """torch.save of `content` with its numpy arrays as tensors (other values unchanged)."""
-  torch.save(_tensors(content), pathlib.Path(path))
+  buffer = io.BytesIO()
+  torch.save(_tensors(content), buffer)
+  epath.Path(path).write_bytes(buffer.getvalue())

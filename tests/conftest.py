@@ -63,6 +63,16 @@ def perturb_norms_(module, seed: int) -> None:
         b.copy_(0.5 + torch.rand(b.shape, generator=gen))
 
 
+def assert_trees_equal(a, b):
+  """Same tree paths, dtypes and values, bit for bit."""
+  flat_a = jax.tree_util.tree_flatten_with_path(a)[0]
+  flat_b = jax.tree_util.tree_flatten_with_path(b)[0]
+  assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
+  for (path, x), (_, y) in zip(flat_a, flat_b):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype and np.array_equal(x, y), path
+
+
 def nchw(x):
   """NHWC numpy -> NCHW torch tensor."""
   import torch

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import convert
-from conftest import load_torch, nchw, rel_err, torch_state
+from conftest import assert_trees_equal, load_torch, nchw, rel_err, torch_state
 from moby_jax.models import build_encoder, init_encoder
 import torch_reference as ref
 
@@ -149,13 +149,7 @@ def test_pytorch_loads_export_strictly_and_round_trip_is_bit_exact(fields):
   assert rel_err(jax.jit(model.apply)(variables, x), want) < 1e-5
 
   # Flax -> PyTorch (through real torch tensors) -> Flax is bit-exact.
-  back = convert.torch_to_flax(net.state_dict(), model)
-  flat_a = jax.tree_util.tree_flatten_with_path(variables)[0]
-  flat_b = jax.tree_util.tree_flatten_with_path(back)[0]
-  assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
-  for (path, a), (_, b) in zip(flat_a, flat_b):
-    a, b = np.asarray(a), np.asarray(b)
-    assert a.dtype == b.dtype and np.array_equal(a, b), path
+  assert_trees_equal(variables, convert.torch_to_flax(net.state_dict(), model))
 
 
 # ------------------------------------------------------------------------- bad state_dicts

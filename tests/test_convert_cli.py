@@ -20,8 +20,8 @@ import pytest
 import torch
 
 import convert
-from conftest import nchw, rel_err
-from convert import formats, pth
+from conftest import assert_trees_equal, nchw, rel_err
+from convert import consumers, export, names, pth
 from convert.__main__ import load_config, main
 from moby_jax import checkpoint, encode, parallel
 from moby_jax.models import build_encoder
@@ -293,20 +293,11 @@ def test_deit_key_sets_and_openmmlab_refusal(deit, capsys):
     (dict(patch_norm=False), "timm", "patch_norm"),
 ])
 def test_variants_the_target_cannot_express_are_refused(fields, fmt, message):
-  with pytest.raises(formats.FormatError, match=message):
-    formats.check_supported(fmt, build_encoder(dict(name="swin_mu", **fields)))
+  with pytest.raises(names.FormatError, match=message):
+    names.check_supported(fmt, build_encoder(dict(name="swin_mu", **fields)))
 
 
 # ------------------------------------------------------------------------ round trips
-
-
-def assert_trees_equal(a, b):
-  flat_a = jax.tree_util.tree_flatten_with_path(a)[0]
-  flat_b = jax.tree_util.tree_flatten_with_path(b)[0]
-  assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
-  for (path, x), (_, y) in zip(flat_a, flat_b):
-    x, y = np.asarray(x), np.asarray(y)
-    assert x.dtype == y.dtype and np.array_equal(x, y), path
 
 
 @pytest.mark.parametrize("family", ["swin", "deit"])
@@ -317,9 +308,9 @@ def test_every_format_round_trips_to_flax_bit_exactly(family, request):
     if fmt not in run_.paths:
       continue
     f = load(run_.paths[fmt])
-    back = formats.from_format(fmt, f[formats.FORMATS[fmt].container], model)
+    back = names.from_format(fmt, f[names.FORMATS[fmt].container], model)
     assert_trees_equal(convert.torch_to_flax(back, model), {"params": state.params["encoder"]})
-  target = formats.from_format("backbone", load(run_.paths["target"])["model"], model)
+  target = names.from_format("backbone", load(run_.paths["target"])["model"], model)
   assert_trees_equal(convert.torch_to_flax(target, model),
                      {"params": state.target_params["encoder"]})
   # The whole state through the official file (optimizer state, rng aside).
@@ -415,23 +406,23 @@ def test_openmmlab_reorder_matches_an_unfold_patch_merging(swin):
 
 def test_loader_simulations(swin):
   model, official = swin.model, load(swin.paths["official"])
-  mmdet_loader, = formats.loaders("mmdet", model)
+  mmdet_loader, = consumers.loaders("mmdet", model)
   # SPEC §5: a raw MoBY file loads zero weights into mmdet's Swin, silently.
-  assert formats.run_loader(mmdet_loader, official)[0] == 0
-  assert formats.run_loader(mmdet_loader, load(swin.paths["mmdet"])) == (63, [])
+  assert consumers.run_loader(mmdet_loader, official)[0] == 0
+  assert consumers.run_loader(mmdet_loader, load(swin.paths["mmdet"])) == (63, [])
   # timm's pretrained-file filter converts original names; it would shift a headless
   # timm-named file a second time (it recognises timm names only by head.fc.weight).
-  timm_checkpoint, = formats.loaders("timm", model)
-  timm_pretrained = formats.loaders("backbone", model)[1]
-  assert formats.run_loader(timm_pretrained, load(swin.paths["backbone"])) == (61, [])
-  shifted = formats.Loader("filter", formats.select_timm_pretrained_swin,
-                           timm_pretrained.required)
-  assert formats.run_loader(shifted, load(swin.paths["timm"]))[0] < 61
-  assert formats.run_loader(timm_checkpoint, load(swin.paths["timm"])) == (61, [])
+  timm_checkpoint, = consumers.loaders("timm", model)
+  timm_pretrained = consumers.loaders("backbone", model)[1]
+  assert consumers.run_loader(timm_pretrained, load(swin.paths["backbone"])) == (61, [])
+  shifted = consumers.Loader("filter", consumers.select_timm_pretrained_swin,
+                             timm_pretrained.required)
+  assert consumers.run_loader(shifted, load(swin.paths["timm"]))[0] < 61
+  assert consumers.run_loader(timm_checkpoint, load(swin.paths["timm"])) == (61, [])
   # With a head (--num-classes) both timm readers take the timm file whole.
-  content, _, _ = formats.build(swin.state, swin.config, "timm", num_classes=5)
-  for loader in formats.loaders("timm", model, num_classes=5):
-    assert formats.run_loader(loader, content) == (63, []), loader.who
+  content, _, _ = export.build(swin.state, swin.config, "timm", num_classes=5)
+  for loader in consumers.loaders("timm", model, num_classes=5):
+    assert consumers.run_loader(loader, content) == (63, []), loader.who
 
 
 # ------------------------------------------------------------- export safety, meta
@@ -443,6 +434,34 @@ def is_plain(value) -> bool:
   if isinstance(value, list):
     return all(is_plain(v) for v in value)
   return value is None or isinstance(value, (str, int, float, bool))
+
+
+@pytest.mark.parametrize("family", ["swin", "deit"])
+def test_the_cli_writes_exactly_what_to_pytorch_returns(family, request):
+  run_ = request.getfixturevalue(family)
+  fmts = SWIN_FORMATS if family == "swin" else DEIT_FORMATS
+  files = {(fmt, "online"): run_.paths[fmt] for fmt in fmts}
+  files["backbone", "target"] = run_.paths["target"]
+  for fmt in fmts:
+    if (fmt, "target") not in files and fmt != "official":  # official holds both branches
+      files[fmt, "target"] = run_.tmp / f"{fmt}_target.pth"
+      assert main(["export", str(run_.workdir), "--format", fmt, "--branch", "target", "-o",
+                   str(files[fmt, "target"])]) == 0
+  for (fmt, branch), path in files.items():
+    written = load(path)
+    want = convert.to_pytorch(run_.state, run_.config, fmt, branch=branch,
+                              source=str(run_.workdir.absolute()))
+    assert written["meta"] == want["meta"], (fmt, branch)
+    assert set(written) == set(want), (fmt, branch)
+    entry = names.FORMATS[fmt].container
+    assert set(written[entry]) == set(want[entry]), (fmt, branch)
+    for name, value in want[entry].items():
+      got = written[entry][name].numpy()
+      assert got.dtype == value.dtype and got.shape == value.shape, (fmt, branch, name)
+      assert got.tobytes() == value.tobytes(), (fmt, branch, name)
+  # Apart from where the state came from, a file's meta is the library's default.
+  default = convert.to_pytorch(run_.state, run_.config, "official")["meta"]
+  assert {**load(files["official", "online"])["meta"], "source": ""} == default
 
 
 def test_meta_is_plain_and_describes_the_export(swin):
@@ -481,12 +500,12 @@ def test_export_refuses_to_overwrite_without_force(swin, capsys):
     ("timm", "renames", 0, ("layers.{i}.downsample.", "layers.{i}.downsample."),
      "unexpected key: layers.0.downsample.reduction.weight"),
     ("mmseg", "layout", "downsample.reduction.weight",
-     (lambda w: w, formats.reduction_from_unfold),
+     (lambda w: w, names.reduction_from_unfold),
      "round trip: layers.0.downsample.reduction.weight"),
 ])
 def test_self_check_fails_loudly_on_a_broken_map(swin, capsys, monkeypatch, fmt, table, entry,
                                                  wrong, expect):
-  spec = formats.FORMATS[fmt]
+  spec = names.FORMATS[fmt]
   if table == "renames":
     broken = list(spec.renames["swin"])
     broken[entry] = wrong
