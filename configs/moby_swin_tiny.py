@@ -76,7 +76,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.moby = ml_collections.ConfigDict(dict(
       target_drop_path_rate=0.0, momentum=0.99, temperature=0.2, queue_size=4096,
       proj_layers=2, pred_layers=2, proj_hidden_dim=4096, pred_hidden_dim=4096,
-      proj_dim=256))
+      proj_dim=256,
+      # A .pth to start from (both encoders; any format convert reads, e.g. a supervised
+      # Swin-T); "" starts from random weights. Ignored when the workdir has a checkpoint.
+      init_from=""))
 
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", base_lr=1e-3, warmup_lr=5e-7, min_lr=5e-6, weight_decay=0.05,

@@ -47,11 +47,9 @@ def _variables(state, params_field, stats_field, key) -> dict:
 
 def encoder_variables(state, config, branch: str = "online"):
   """(variables, module) of the online or target encoder of a train state."""
-  if branch not in BRANCHES:
-    raise ValueError(f"branch must be online or target, got {branch!r}")
+  variables = state.encoder(branch)
   online, target = moby.build_branches(config)
-  module = (online if branch == "online" else target).encoder
-  return _variables(state, *BRANCHES[branch][1:], "encoder"), module
+  return variables, (online if branch == "online" else target).encoder
 
 
 def with_encoder(state: TrainState, variables: Mapping[str, Any]) -> TrainState:

@@ -143,6 +143,12 @@ def to_global(batch, mesh: Mesh):
   return jax.tree.map(place, batch)
 
 
+def replicate(tree, mesh: Mesh):
+  """A copy of `tree` (global arrays) replicated on every device of `mesh`, so every
+  process can read all of it (FSDP-sharded leaves are gathered). A collective."""
+  return jax.jit(lambda t: t, out_shardings=replicated(mesh))(tree)
+
+
 def global_rows(local: np.ndarray) -> np.ndarray:
   """This process's rows of a global batch (host numpy) -> the whole batch, in global
   (process-major) order, on every process. A collective: all processes call it."""

@@ -32,3 +32,15 @@ class TrainState:
   queue_ptr: jax.Array
   rng: jax.Array
   skipped_steps: jax.Array
+
+  def encoder(self, branch: str = "online") -> dict:
+    """The online or the target encoder's variables: {"params"(, "batch_stats")}."""
+    if branch not in ("online", "target"):
+      raise ValueError(f"branch must be 'online' or 'target', got {branch!r}")
+    online = branch == "online"
+    params = self.params if online else self.target_params
+    stats = self.batch_stats if online else self.target_batch_stats
+    variables = {"params": params["encoder"]}
+    if "encoder" in stats:
+      variables["batch_stats"] = stats["encoder"]
+    return variables

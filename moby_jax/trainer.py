@@ -192,9 +192,9 @@ def _pretrain(config, workdir, mesh) -> dict:
   restored = ckpt.restore(checkpoint.abstract_target(config, mesh))
   initial_encoder = None
   if restored is None:
-    state = train_step.create_train_state(config, jax.random.key(config.train.seed), mesh)
+    state = _initial_state(config, mesh)
     if config.eval.enabled:  # kept on the host for the final comparison
-      initial_encoder = jax.device_get(_online_encoder(state))
+      initial_encoder = jax.device_get(state.encoder())
   else:
     state, data_state, step = restored
     loader.set_state(data_state)
@@ -210,7 +210,7 @@ def _pretrain(config, workdir, mesh) -> dict:
 
     def monitor(state, epoch):
       if epoch % config.eval.knn_every_epochs == 0 or epoch == config.train.epochs:
-        result = knn_monitor(_online_encoder(state))
+        result = knn_monitor(state.encoder())
         logger.scalars(epoch * config.train.steps_per_epoch, {"knn_top1": result["top1"]})
         say(f"epoch {epoch}: kNN top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}%")
 
@@ -229,13 +229,12 @@ def _pretrain(config, workdir, mesh) -> dict:
 
   results = dict(pretrain_steps=summary["step"])
   if initial_encoder is None:  # resumed: the initialisation is a function of the seed
-    initial_encoder = _online_encoder(train_step.create_train_state(
-        config, jax.random.key(config.train.seed), mesh))
+    initial_encoder = _initial_state(config, mesh).encoder()
   probe_config = _linear_config(config, source.num_classes)
   probe_fns = (evaluate.make_linear_step(probe_config, mesh),
                evaluate.make_linear_eval(probe_config, mesh))
   unreadable = set()
-  for suffix, variables in (("", _online_encoder(state)), ("_init", initial_encoder)):
+  for suffix, variables in (("", state.encoder()), ("_init", initial_encoder)):
     what = "pre-trained" if not suffix else "initial"
     if _stopped(f"evaluating the {what} encoder"):
       return dict(summary, preempted=True)
@@ -252,7 +251,7 @@ def _pretrain(config, workdir, mesh) -> dict:
     unreadable.update(linear["unreadable_val"])
     say(f"linear probe ({what} encoder): top-1 {linear['top1']:.2f}%, "
         f"top-5 {linear['top5']:.2f}%")
-  results["pth"] = str(_export(workdir))
+  results["pth"] = str(_export(state, config, mesh, workdir))
   results["skipped_files"] = bad_files.count
   # Evaluation leaves unreadable examples out of every metric (never substitutes them).
   results["val_examples"] = knn["val_examples"]
@@ -264,25 +263,30 @@ def _pretrain(config, workdir, mesh) -> dict:
   return {**summary, **results}
 
 
+def _initial_state(config, mesh):
+  """A fresh train state from train.seed, with both encoders (online and target) read from
+  moby.init_from when it names a checkpoint (any format convert reads; an official MoBY
+  file gives the whole state)."""
+  if not config.moby.init_from:
+    return train_step.create_train_state(config, jax.random.key(config.train.seed), mesh)
+  import convert
+  say(f"initialising from {config.moby.init_from}")
+  return convert.from_pytorch(files.path(config.moby.init_from), config, mesh=mesh)
+
+
 def _needs_val(config) -> bool:
   return bool(config.eval.enabled or config.eval.knn_every_epochs)
 
 
-def _online_encoder(state) -> dict:
-  variables = {"params": state.params["encoder"]}
-  if "encoder" in state.batch_stats:
-    variables["batch_stats"] = state.batch_stats["encoder"]
-  return variables
-
-
-def _export(workdir):
-  """The final checkpoint in the official MoBY format (SPEC §5), for PyTorch, via the
-  conversion CLI (which embeds `meta` and re-checks the written file)."""
-  from convert.__main__ import main as convert_main
+def _export(state, config, mesh, workdir):
+  """The state in the official MoBY format (SPEC §5), for PyTorch: WORKDIR/moby_official.pth,
+  written from memory and self-checked (convert.save) by process 0. Every process takes
+  part in gathering the state when it is sharded."""
+  import convert
   path = workdir / "moby_official.pth"
-  if _main() and convert_main(["export", str(workdir), "--format", "official", "-o",
-                               str(path), "--force"]):
-    raise RuntimeError(f"exporting {workdir} to {path} failed (see the message above)")
+  state = parallel.replicate(state.replace(opt_state=None), mesh)
+  if _main():
+    convert.save(state, config, path, "official", source=str(workdir), force=True)
   return path
 
 
@@ -344,10 +348,10 @@ def _eval_batch(config, mesh) -> int:
 
 
 def _load_encoder(config) -> dict:
-  """The encoder config.linear.source points to: a pre-training workdir (latest or
-  linear.step checkpoint) or a .pth (official MoBY format or a bare backbone)."""
-  from convert.backbone import torch_to_flax
-  from convert.pth import read_pth
+  """The encoder config.linear.source points to: a pre-training workdir (its latest or
+  linear.step checkpoint) or a .pth in any format convert reads (official MoBY, backbone,
+  timm, mmdet, mmseg; auto-detected). linear.branch picks the online or target encoder."""
+  import convert
   src = files.path(config.linear.source) if config.linear.source else None
   if src is None or not src.exists():
     raise FileNotFoundError(f"linear.source={config.linear.source!r}: give a pre-training "
@@ -357,18 +361,8 @@ def _load_encoder(config) -> dict:
     raise ValueError(f"linear.branch must be 'online' or 'target', got {branch!r}")
   if src.is_dir():
     state, _ = checkpoint.load_state(src, None if config.linear.step < 0 else config.linear.step)
-    params = state.params if branch == "online" else state.target_params
-    stats = state.batch_stats if branch == "online" else state.target_batch_stats
-    variables = {"params": params["encoder"]}
-    if "encoder" in stats:
-      variables["batch_stats"] = stats["encoder"]
-    return jax.device_get(variables)
-  content = read_pth(src)
-  state_dict = next((content[k] for k in ("model", "state_dict") if k in content), content)
-  prefix = {"online": "encoder.", "target": "encoder_k."}[branch]
-  if not any(k.startswith(prefix) for k in state_dict):
-    prefix = ""  # a bare backbone file
-  return torch_to_flax(state_dict, build_encoder(config.model), prefix)
+    return jax.device_get(state.encoder(branch))
+  return convert.encoder_from_pytorch(src, config.model, branch=branch)
 
 
 def linear_eval(config, workdir, mesh=None) -> dict:

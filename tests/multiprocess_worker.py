@@ -1,13 +1,14 @@
 """One process of a `jax.distributed` run on 127.0.0.1 (used by test_multiprocess.py).
 
   python multiprocess_worker.py step PROCESS_ID NUM_PROCESSES PORT LOCAL_DEVICES OUT.npz
-  python multiprocess_worker.py program PROCESS_ID NUM_PROCESSES PORT LOCAL_DEVICES DATA WORKDIR EPOCHS
+  python multiprocess_worker.py program PROCESS_ID NUM_PROCESSES PORT LOCAL_DEVICES DATA WORKDIR EPOCHS EVAL
 
 `step`: 3 train steps of the golden-fixture model on a global batch of 8 (this process
 feeds its own slice); process 0 writes the losses and both queues to OUT.npz.
 `program`: the training program (trainer.pretrain) on the tiny test config of
 test_program.py for EPOCHS epochs of the image folder DATA, checkpointing into WORKDIR,
-logging only at the last step. It prints its summary as JSON (`summary {...}`) and the
+logging only at the last step; with EVAL=1 then the evaluation of eval.enabled (kNN, a
+one-epoch linear probe), results.json and the .pth export. It prints its summary as JSON (`summary {...}`) and the
 host syncs the step loop made (`syncs {...}`: calls of jax.device_get,
 jax.block_until_ready and multihost_utils.process_allgather, by the number of train
 steps dispatched before each).
@@ -98,10 +99,13 @@ def record_syncs():
   return syncs
 
 
-def run_program(data, workdir, epochs):
+def run_program(data, workdir, epochs, evaluate):
   from test_program import tiny_config
   config = tiny_config(data, epochs=int(epochs))
   config.train.log_every_steps = 1000  # log at the last step only
+  if evaluate == "1":
+    config.eval.enabled = True
+    config.eval.linear.update(epochs=1, batch_size=8)
   syncs = record_syncs()
   summary = trainer.pretrain(config, workdir)
   print(f"summary {json.dumps(summary)}", flush=True)

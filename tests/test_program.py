@@ -212,14 +212,17 @@ def test_unknown_config_field_is_an_error(tmp_path):
   assert "epoch" in result.stderr and not (tmp_path / "checkpoints").exists()
 
 
-def test_linear_eval_from_workdir_and_from_pth_agree(folder, reference_run, tmp_path):
-  from convert.__main__ import main as convert_main
+def test_linear_eval_from_workdir_and_from_pth_files_agree(folder, reference_run, tmp_path):
+  """linear.source: the workdir, its official export and its mmseg export (a backbone
+  format, auto-detected) give the same encoder, hence the same probe and accuracy."""
+  import convert
   reference_dir, _ = reference_run
-  pth = tmp_path / "moby.pth"
-  assert convert_main(["export", str(reference_dir), "--format", "official", "-o",
-                       str(pth)]) == 0
+  state, pretrain_config = checkpoint.load_state(reference_dir, mesh=one_device())
+  sources = [reference_dir]
+  for fmt in ("official", "mmseg"):
+    sources.append(convert.save(state, pretrain_config, tmp_path / f"{fmt}.pth", fmt).path)
   results = []
-  for source in (reference_dir, pth):
+  for source in sources:
     config = linear_swin_tiny.get_config("runlocal")
     config.model = tiny_config(folder).model
     config.data.update(dataset="folder", path=str(folder), batch_size=8)
@@ -228,11 +231,30 @@ def test_linear_eval_from_workdir_and_from_pth_agree(folder, reference_run, tmp_
     results.append(trainer.linear_eval(config, tmp_path / f"linear_{source.name}",
                                        mesh=one_device()))
   assert results[0]["step"] == 6
-  for key in ("top1", "top5"):
-    assert results[0][key] == results[1][key]
+  for other in results[1:]:
+    assert (other["top1"], other["top5"]) == (results[0]["top1"], results[0]["top5"])
   assert 0 <= results[0]["top1"] <= 100
-  saved = json.loads((tmp_path / f"linear_{pth.name}" / "results.json").read_text())
-  assert saved["top1"] == results[1]["top1"]
+  saved = json.loads((tmp_path / "linear_mmseg.pth" / "results.json").read_text())
+  assert saved["top1"] == results[2]["top1"]
+
+
+def test_pretraining_starts_from_a_backbone_file(folder, reference_run, tmp_path):
+  """moby.init_from: a timm-format backbone becomes the online and the target encoder of
+  step 0 (heads and queues fresh from the seed), and the program trains from there."""
+  import convert
+  reference_dir, _ = reference_run
+  trained, pretrain_config = checkpoint.load_state(reference_dir, mesh=one_device())
+  path = convert.save(trained, pretrain_config, tmp_path / "swin_timm.pth", "timm").path
+  config = tiny_config(folder, epochs=1)
+  config.moby.init_from = str(path)
+  start = trainer._initial_state(config, one_device())
+  fresh = train_step.create_train_state(config, jax.random.key(config.train.seed), one_device())
+  assert int(start.step) == 0
+  assert_states_identical(start.encoder("online"), trained.encoder("online"))
+  assert_states_identical(start.encoder("target"), trained.encoder("online"))
+  assert_states_identical(start.params["projector"], fresh.params["projector"])
+  summary = trainer.pretrain(config, tmp_path / "run", mesh=one_device())
+  assert summary["step"] == 3 and not summary["preempted"]
 
 
 def test_evaluation_leaves_an_unreadable_val_file_out_and_names_it(folder, reference_run,
@@ -270,7 +292,7 @@ def test_evaluation_leaves_an_unreadable_val_file_out_and_names_it(folder, refer
   # kNN: with and without the broken file, the same accuracy over the same 24 images.
   pretrain_config = tiny_config(data)
   state, _ = checkpoint.load_state(reference_dir, mesh=mesh)
-  encoder = trainer._online_encoder(state)
+  encoder = state.encoder()
   train = build_source(pretrain_config.data, "train")
   with_broken = trainer.KnnMonitor(pretrain_config, mesh, train,
                                    build_source(pretrain_config.data, "val"))(encoder)
