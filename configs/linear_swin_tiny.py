@@ -3,7 +3,8 @@
 SGD with Nesterov momentum 0.9, base LR 1.0 x global batch / 512, no weight decay, 100
 epochs (5 warm-up) with the cosine schedule, clip 5, label smoothing 0.1; the backbone
 stays in training mode (drop path 0.2), as in the released code. Train transform:
-RandomResizedCrop + flip; eval: resize to 256, centre crop 224.
+RandomResizedCrop + flip; eval: shorter side to 256 (img_size + 32), centre crop 224.
+Validation every epoch; results.json reports the last top-1/top-5 and the best top-1.
 
   --config.linear.source=WORKDIR     a pre-training workdir (its latest checkpoint)
   --config.linear.source=FILE.pth    an official-format MoBY .pth or a backbone .pth
@@ -41,7 +42,9 @@ def get_config(arg: str | None = None, model=None) -> ml_collections.ConfigDict:
   c.train = moby_swin_tiny.train_config(epochs=100, warmup_epochs=5,
                                         num_train_examples=c.data.get_ref("num_train_examples"),
                                         batch_size=c.data.get_ref("batch_size"))
-  c.eval = ml_collections.ConfigDict(dict(enabled=True))  # top-1/top-5 on val at the end
+  # Top-1/top-5 on val every `every_epochs` epochs and after the last (0: after the last
+  # only); results.json reports the last and the best, as the released code does.
+  c.eval = ml_collections.ConfigDict(dict(enabled=True, every_epochs=1))
   c.parallel = ml_collections.ConfigDict(dict(fsdp=False))
   if "runlocal" in args:
     c.train.update(epochs=2, warmup_epochs=1, log_every_steps=10, checkpoint_every_steps=100)

@@ -8,6 +8,7 @@ and return (train.py then exits 0).
 """
 
 import json
+import math
 import time
 
 import jax
@@ -87,8 +88,12 @@ class TrainingDiverged(RuntimeError):
 
 
 def _run_loop(*, config, mesh, loader, state, step_fn, ckpt, logger, bad_files, unit_metrics,
-              on_epoch_end=None) -> tuple:
+              on_epoch_end=None, progress=None) -> tuple:
   """Steps until train.epochs are done or a stop is requested; returns (state, preempted).
+
+  `on_epoch_end(state, epoch)` runs after the last step of each epoch; `progress()` gives
+  JSON-able run state saved with every checkpoint next to the data position (restored
+  with it).
 
   Nothing here waits for the devices except at log steps (metrics are fetched then) and
   checkpoint steps: the stop check is local (preemption.requested), so the host keeps
@@ -101,12 +106,16 @@ def _run_loop(*, config, mesh, loader, state, step_fn, ckpt, logger, bad_files, 
   # Steps skipped in a row, counted on the device (no host sync per step).
   consecutive = jax.device_put(np.int32(0), parallel.replicated(mesh))
   preempted = False
+
+  def position() -> dict:
+    return {**loader.get_state(), **(progress() if progress else {})}
+
   try:
     while step < total:
       if preemption.requested():
         if step > first:
           say(f"stop requested (SIGTERM): saving step {step} and exiting")
-          ckpt.save(step, state, loader.get_state(), force=True)
+          ckpt.save(step, state, position(), force=True)
         else:
           say(f"stop requested (SIGTERM) before the first step: exiting at step {step}")
         preempted = True
@@ -125,16 +134,16 @@ def _run_loop(*, config, mesh, loader, state, step_fn, ckpt, logger, bad_files, 
         metrics["skipped_files"] = bad_files.sync()
         logger.log(step, metrics)
         if limit and in_a_row >= limit:
-          ckpt.save(step, state, loader.get_state(), force=True)
+          ckpt.save(step, state, position(), force=True)
           raise TrainingDiverged(
               f"the last {int(in_a_row)} steps (up to step {step}) had a non-finite loss or "
               f"gradient and were skipped (train.max_consecutive_skipped_steps={limit}); "
               f"step {step} is saved: lower the learning rate or check the data")
       if on_epoch_end is not None and step % steps_per_epoch == 0:
         on_epoch_end(state, step // steps_per_epoch)
-      ckpt.save(step, state, loader.get_state())
+      ckpt.save(step, state, position())
     if not preempted:
-      ckpt.save(step, state, loader.get_state(), force=True)
+      ckpt.save(step, state, position(), force=True)
     bad_files.sync()
   finally:
     loader.close()
@@ -174,11 +183,14 @@ def _pretrain(config, workdir, mesh) -> dict:
   workdir = files.path(workdir)
   mesh = parallel.make_mesh() if mesh is None else mesh
   # Everything that can be wrong with the config or the data fails here, before compiling.
+  loaders.check_config(config.data)
   source = build_source(config.data, "train")
   val_source = build_source(config.data, "val") if _needs_val(config) else None
   _sync_num_examples(config, source)
   train_step.check_config(config, mesh.size)
   moby.build_branches(config)
+  if config.eval.enabled:
+    _check_probe(config, mesh)
   checkpoint.save_config(workdir, config)
 
   total = optim.total_steps(config)
@@ -290,6 +302,28 @@ def _export(state, config, mesh, workdir):
   return path
 
 
+def _check_probe(config, mesh) -> None:
+  """Raises ValueError naming the eval.linear.* field that cannot work, before pre-training
+  (the probe of eval.enabled runs only after it)."""
+  probe = config.eval.linear
+  if probe.batch_size <= 0 or probe.batch_size % mesh.size:
+    raise ValueError(f"eval.linear.batch_size ({probe.batch_size}) must be positive and "
+                     f"divisible by the number of devices ({mesh.size})")
+  if config.data.num_train_examples < probe.batch_size:
+    raise ValueError(f"eval.linear.batch_size ({probe.batch_size}) is larger than the "
+                     f"training split ({config.data.num_train_examples} images)")
+  if probe.epochs < 1:
+    raise ValueError(f"eval.linear.epochs must be >= 1, got {probe.epochs}")
+  if not 0 <= probe.warmup_epochs <= probe.epochs:
+    raise ValueError(f"eval.linear.warmup_epochs ({probe.warmup_epochs}) must be within "
+                     f"[0, eval.linear.epochs={probe.epochs}]")
+  if not (math.isfinite(probe.base_lr) and probe.base_lr > 0):
+    raise ValueError(f"eval.linear.base_lr must be a positive number, got {probe.base_lr}")
+  if not 0 <= probe.label_smoothing < 1:
+    raise ValueError(f"eval.linear.label_smoothing must be in [0, 1), got "
+                     f"{probe.label_smoothing}")
+
+
 def _linear_config(config, num_classes: int) -> ml_collections.ConfigDict:
   """The linear-probe config for the quick evaluation of a pre-training run (eval.linear)."""
   probe = config.eval.linear
@@ -304,7 +338,7 @@ def _linear_config(config, num_classes: int) -> ml_collections.ConfigDict:
                  warmup_epochs=probe.warmup_epochs, log_every_steps=10 ** 9,
                  checkpoint_every_steps=0,
                  steps_per_epoch=config.data.num_train_examples // probe.batch_size),
-      eval=dict(enabled=True), parallel=dict(fsdp=False)))
+      eval=dict(enabled=True, every_epochs=0), parallel=dict(fsdp=False)))
 
 
 class KnnMonitor:
@@ -377,6 +411,7 @@ def _linear_eval(config, workdir, mesh) -> dict:
   if stopped := _stopped("start-up"):
     return stopped
   mesh = parallel.make_mesh() if mesh is None else mesh
+  loaders.check_config(config.data)
   source = build_source(config.data, "train")
   val_source = build_source(config.data, "val") if config.eval.enabled else None
   _sync_num_examples(config, source)
@@ -386,6 +421,9 @@ def _linear_eval(config, workdir, mesh) -> dict:
   with config.unlocked():
     config.linear.num_classes = source.num_classes
   optim.check_schedule(config)
+  if config.eval.every_epochs < 0:
+    raise ValueError(f"eval.every_epochs must be >= 0 (0: after the last epoch only), got "
+                     f"{config.eval.every_epochs}")
   build_encoder(config.model)
   encoder = _load_encoder(config)
   result = _linear_run(config, encoder, mesh, source, val_source, files.path(workdir))
@@ -398,8 +436,10 @@ def _linear_eval(config, workdir, mesh) -> dict:
 
 def _linear_run(config, encoder_variables, mesh, source, val_source, workdir,
                 fns=None) -> dict:
-  """Trains the linear head (resuming from WORKDIR's checkpoints) and evaluates it.
-  `fns`: (step, eval) functions of `config` to reuse, instead of compiling new ones."""
+  """Trains the linear head (resuming from WORKDIR's checkpoints) and evaluates it on
+  `val_source` (None: no evaluation) every eval.every_epochs epochs and after the last.
+  As the released code reports: `top1`, `top5` of the last evaluation, `best_top1` and
+  its `best_epoch`. `fns`: (step, eval) functions of `config` to reuse."""
   workdir = files.path(workdir)
   if config.data.batch_size % mesh.size:
     raise ValueError(f"data.batch_size ({config.data.batch_size}) must be divisible by the "
@@ -418,24 +458,45 @@ def _linear_run(config, encoder_variables, mesh, source, val_source, workdir,
                                        jax.random.key(config.train.seed), mesh)
   restored = ckpt.restore(jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
+  # Evaluations so far: [epoch, top1, top5]; saved with the checkpoints (best survives
+  # a resume).
+  history: list[list] = []
   if restored is not None:
     state, data_state, step = restored
     loader.set_state(data_state)
+    history = data_state.get("val", [])
     say(f"resumed linear evaluation at step {step}")
   logger = MetricLogger(workdir, total, config.train.steps_per_epoch, config.data.batch_size,
                         unit="images")
   bad_files = _BadFiles(source)
+  last = {}
+
+  def validate(state, epoch):
+    last.update(_linear_accuracy(config, mesh, state, eval_fn, val_source))
+    history[:] = [h for h in history if h[0] != epoch] + [[epoch, last["top1"], last["top5"]]]
+    logger.scalars(epoch * config.train.steps_per_epoch,
+                   {"val/top1": last["top1"], "val/top5": last["top5"]})
+    say(f"linear evaluation, epoch {epoch}: top-1 {last['top1']:.2f}%, top-5 "
+        f"{last['top5']:.2f}% on {last['val_examples']} val images")
+
+  every = config.eval.every_epochs if val_source is not None else 0
+
+  def on_epoch_end(state, epoch):
+    if every and (epoch % every == 0 or epoch == config.train.epochs):
+      validate(state, epoch)
+
   state, preempted = _run_loop(config=config, mesh=mesh, loader=loader, state=state,
                                step_fn=step_fn, ckpt=ckpt, logger=logger, bad_files=bad_files,
-                               unit_metrics=("image", "label"))
+                               unit_metrics=("image", "label"), on_epoch_end=on_epoch_end,
+                               progress=lambda: {"val": history})
   ckpt.close()
   result = dict(step=int(jax.device_get(state.step)), preempted=preempted,
                 skipped_files=bad_files.count)
   if not preempted and val_source is not None:
-    result.update(_linear_accuracy(config, mesh, state, eval_fn, val_source))
-    logger.scalars(result["step"], {"val/top1": result["top1"], "val/top5": result["top5"]})
-    say(f"linear evaluation: top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}% on "
-        f"{result['val_examples']} val images")
+    if not last:  # validated only at the end, or resumed after the last epoch
+      validate(state, config.train.epochs)
+    best = max(history, key=lambda h: h[1])
+    result.update(last, best_top1=best[1], best_epoch=best[0])
   logger.close()
   return result
 

@@ -122,7 +122,6 @@ def test_center_crop_geometry():
   image[:, 44:46] = 255  # a vertical line through the centre
   out = transforms.center_crop(image, 32, transforms.eval_resize(32))
   assert out.shape == (32, 32, 3)
-  assert transforms.eval_resize(224) == 256
   column = out.mean(axis=(0, 2))
   assert abs(int(np.argmax(column)) - 15.5) <= 1.5
 

@@ -181,7 +181,9 @@ def _no_compilation(monkeypatch):
   monkeypatch.setattr(train_step, "make_train_step", forbidden)
 
 
-@pytest.mark.parametrize("case", ["missing_folder", "empty_class", "model_name", "queue"])
+@pytest.mark.parametrize("case", ["missing_folder", "empty_class", "model_name", "queue",
+                                  "probe_batch", "probe_epochs", "probe_smoothing",
+                                  "worker_mode"])
 def test_bad_input_fails_before_compiling(folder, tmp_path, monkeypatch, case):
   _no_compilation(monkeypatch)
   config = tiny_config(folder)
@@ -195,9 +197,19 @@ def test_bad_input_fails_before_compiling(folder, tmp_path, monkeypatch, case):
   elif case == "model_name":
     config.model.name = "swin_gigantic"
     error, match = ValueError, "unknown model.name"
-  else:
+  elif case == "queue":
     config.moby.queue_size = 30
     error, match = ValueError, "moby.queue_size"
+  elif case == "worker_mode":
+    config.data.worker_mode = "fibers"
+    error, match = ValueError, "data.worker_mode"
+  else:  # the probe of eval.enabled runs after pre-training: checked before it
+    config.eval.enabled = True
+    config.eval.linear.batch_size = 8
+    field, value = {"probe_batch": ("batch_size", 100), "probe_epochs": ("epochs", 0),
+                    "probe_smoothing": ("label_smoothing", 1.0)}[case]
+    config.eval.linear[field] = value
+    error, match = ValueError, f"eval.linear.{field}"
   with pytest.raises(error, match=match):
     trainer.pretrain(config, tmp_path / "run", mesh=one_device())
   assert not (tmp_path / "run" / "checkpoints").exists()
@@ -236,6 +248,17 @@ def test_linear_eval_from_workdir_and_from_pth_files_agree(folder, reference_run
   assert 0 <= results[0]["top1"] <= 100
   saved = json.loads((tmp_path / "linear_mmseg.pth" / "results.json").read_text())
   assert saved["top1"] == results[2]["top1"]
+  # Validated after every epoch (eval.every_epochs=1), as the released code: the last and
+  # the best accuracy are reported, and the history survives a restart.
+  lines = (tmp_path / "linear_mmseg.pth" / "metrics.jsonl").read_text().splitlines()
+  validated = [r for r in map(json.loads, lines) if "val/top1" in r]
+  assert [r["step"] for r in validated] == [3, 6]
+  assert saved["best_top1"] == max(r["val/top1"] for r in validated)
+  assert saved["best_epoch"] in (1, 2) and saved["top1"] == validated[-1]["val/top1"]
+  config.linear.source = str(sources[2])
+  again = trainer.linear_eval(config, tmp_path / "linear_mmseg.pth", mesh=one_device())
+  assert {k: again[k] for k in ("top1", "best_top1", "best_epoch")} == {
+      k: saved[k] for k in ("top1", "best_top1", "best_epoch")}
 
 
 def test_pretraining_starts_from_a_backbone_file(folder, reference_run, tmp_path):

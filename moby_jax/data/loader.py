@@ -180,7 +180,7 @@ def linear_train_loader(config, source=None) -> Loader:
 
 def eval_loader(config, source, batch_size: int | None = None) -> Loader:
   """One pass over `source` (e.g. build_source(config.data, "val")) in order, with the
-  eval transform (resize to int(256/224 x img_size), centre crop): {"image": uint8,
+  eval transform (shorter side to img_size + 32, centre crop): {"image": uint8,
   "label": int32, "valid": bool, "bad": int32}. The last global batch is padded so every
   batch is full; padding rows and examples that cannot be decoded have valid False
   (`bad` names the latter by source index) and must be left out of any metric."""

@@ -197,5 +197,7 @@ def center_crop(data, size: int, resize_size: int) -> np.ndarray:
 
 
 def eval_resize(size: int) -> int:
-  """The Swin repo's test resize: int(256 / 224 * size) (256 for 224)."""
-  return int(256 / 224 * size)
+  """The shorter side before the centre crop in evaluation: img_size + 32, as the released
+  linear evaluation (`Resize(img_size + 32)`, then `CenterCrop(img_size)`): 256 for 224,
+  416 for 384, 64 for 32."""
+  return size + 32
