@@ -33,8 +33,10 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax/absl info lines drown the progress
   # After flag parsing, so that --help is fast and jax sees the environment.
   from moby_jax import parallel, trainer
-  parallel.initialize_distributed()
   config = flags.FLAGS.config
+  if config.get("train") and config.train.get("deterministic", False):
+    parallel.use_deterministic_ops()  # before anything starts the backend
+  parallel.initialize_distributed()
   tasks = {"moby": trainer.pretrain, "linear": trainer.linear_eval}
   task = config.get("task", None)
   if task not in tasks:

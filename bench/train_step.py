@@ -2,6 +2,7 @@
 
   python bench/train_step.py --config moby_swin_tiny --batch 64 --dtype float32
   python bench/train_step.py --config moby_deit_small --batch 256 --dtype bfloat16
+  python bench/train_step.py --batch 128 --dtype bfloat16 --views batch --remat dots
 
 Each framework runs in its own child process (so peak RSS is its own): build the model,
 `--warmup` untimed steps (compilation included there), then the median of `--repeats`
@@ -31,6 +32,8 @@ def load_config(args):
   config = importlib.import_module(f"configs.{args.config}").get_config(args.arg)
   config.data.batch_size = args.batch
   config.model.dtype = args.dtype
+  config.model.remat = args.remat
+  config.train.views_in_scan = args.views == "scan"
   config.augment.on_device = False
   config.moby.queue_size = max(config.moby.queue_size // args.batch, 1) * args.batch
   return config
@@ -89,6 +92,9 @@ def bench_jax(args) -> dict:
              pairs_per_s=args.batch / seconds, flops_per_step=flops)
   if peak and flops:
     out["mfu"] = flops / seconds / (peak * 1e12 * jax.device_count())
+  memory = jax.local_devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in memory:
+    out["peak_device_gib"] = memory["peak_bytes_in_use"] / 2 ** 30
   return out
 
 
@@ -113,7 +119,10 @@ def bench_torch(args) -> dict:
 
   seconds = median_seconds(run_step, args.warmup, args.repeats)
   name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-  return dict(framework="torch", device=name, seconds=seconds, pairs_per_s=args.batch / seconds)
+  out = dict(framework="torch", device=name, seconds=seconds, pairs_per_s=args.batch / seconds)
+  if device == "cuda":
+    out["peak_device_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+  return out
 
 
 def main():
@@ -122,6 +131,12 @@ def main():
   parser.add_argument("--arg", default=None, help="get_config argument, e.g. runlocal")
   parser.add_argument("--batch", type=int, default=64, help="global batch (image pairs)")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--views", default="scan", choices=["scan", "batch"],
+                      help="JAX: the two views one after the other or as one batch")
+  parser.add_argument("--remat", default="none", choices=["none", "full", "dots"],
+                      help="JAX: rematerialisation of the blocks")
+  parser.add_argument("--frameworks", default="jax,torch", help="which to run, in order")
+  parser.add_argument("--json", help="append one JSON line per framework to this file")
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--peak-tflops", type=float, default=None,
@@ -137,7 +152,7 @@ def main():
     return
 
   results = {}
-  for framework in ("jax", "torch"):
+  for framework in args.frameworks.split(","):
     cmd = [sys.executable, __file__, "--only", framework] + sys.argv[1:]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
@@ -147,17 +162,26 @@ def main():
     results[framework] = json.loads(lines[-1][len("RESULT "):])
 
   print(f"MoBY step, {args.config} ({args.arg or 'default'}), global batch {args.batch}, "
-        f"{args.dtype}, median of {args.repeats} after {args.warmup} warm-up steps")
+        f"{args.dtype}, views {args.views}, remat {args.remat}, median of {args.repeats} "
+        f"after {args.warmup} warm-up steps")
   for name, r in results.items():
     extra = ""
     if r.get("flops_per_step"):
       extra += f"  {r['flops_per_step'] / 1e9:.1f} GFLOP/step"
     if "mfu" in r:
       extra += f"  MFU {100 * r['mfu']:.1f}%"
+    if "peak_device_gib" in r:
+      extra += f"  peak device memory {r['peak_device_gib']:.1f} GiB"
     print(f"  {name:6s} {r['device']:>24s}: {r['pairs_per_s']:9.2f} pairs/s  "
           f"{r['seconds'] * 1e3:9.1f} ms/step  peak RSS {r['peak_rss_gib']:.2f} GiB{extra}")
-  ratio = results["jax"]["pairs_per_s"] / results["torch"]["pairs_per_s"]
-  print(f"  ratio jax / torch: {ratio:.2f}x")
+  if len(results) == 2:
+    ratio = results["jax"]["pairs_per_s"] / results["torch"]["pairs_per_s"]
+    print(f"  ratio jax / torch: {ratio:.2f}x")
+  if args.json:
+    with open(args.json, "a") as f:
+      for r in results.values():
+        f.write(json.dumps(dict(r, config=args.config, batch=args.batch, dtype=args.dtype,
+                                views=args.views, remat=args.remat)) + "\n")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ def get_config(arg: str | None = None):
   c = moby_swin_tiny.get_config(arg)
   if "runlocal" in moby_swin_tiny.parse_arg(arg):
     c.model = dict(name="deit_mu", img_size=32, drop_path_rate=0.2, dtype="float32",
-                   remat=False)
+                   remat="none")
   else:
     c.model = dict(name="deit_small", img_size=224, drop_path_rate=0.2, dtype="bfloat16",
-                   remat=False)
+                   remat="none")
   return c

@@ -36,7 +36,8 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
       # training process: enough for a few cores). num_workers 0: one per CPU core.
       worker_mode="processes",
       num_workers=0,
-      prefetch_batches=4), **overrides))
+      prefetch_batches=4,      # host batches decoded ahead
+      device_prefetch=2), **overrides))  # batches placed on the devices ahead of their step
 
 
 def train_config(num_train_examples, batch_size, **overrides) -> ml_collections.ConfigDict:
@@ -46,7 +47,13 @@ def train_config(num_train_examples, batch_size, **overrides) -> ml_collections.
       checkpoint_every_steps=1000, keep_checkpoints=3,
       # Stop with an error (after saving) once this many steps in a row had a non-finite
       # loss or gradient (checked at log steps; 0: never).
-      max_consecutive_skipped_steps=20), **overrides))
+      max_consecutive_skipped_steps=20,
+      # The two views one after the other (a scan: half the activation memory) or as one
+      # batch (larger matmuls, faster where memory allows). Same numbers either way.
+      views_in_scan=True,
+      # GPUs: XLA's deterministic ops (set before JAX starts; train.py does it), so that a
+      # resumed run is bit-identical to an uninterrupted one. Slower.
+      deterministic=False), **overrides))
   # The loader drops the last partial batch of each epoch.
   c.steps_per_epoch = num_train_examples // batch_size
   return c
@@ -71,7 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict(dict(
       name="swin_tiny", img_size=224, window_size=7, drop_path_rate=0.2,  # online encoder
-      norm_before_mlp="ln", dtype="bfloat16", remat=False))
+      norm_before_mlp="ln", dtype="bfloat16", remat="none"))
 
   c.moby = ml_collections.ConfigDict(dict(
       target_drop_path_rate=0.0, momentum=0.99, temperature=0.2, queue_size=4096,

@@ -174,7 +174,7 @@ class LinearState:
   encoder_batch_stats: Any
 
 
-def _head(num_classes: int) -> nn.Dense:
+def _head(num_classes: int) -> layers.Dense:
   return layers.dense(num_classes, "head", jnp.float32)
 
 

@@ -74,7 +74,8 @@ def contrastive_loss(q, k, queue, temperature: float):
   q, k: (B, D) L2-normalised; queue: (K, D). float32.
   """
   positive = jnp.sum(q * k, axis=-1, keepdims=True)
-  negatives = q @ queue.T
+  # Full float32 (accelerators would round the inputs of a default-precision matmul).
+  negatives = jnp.matmul(q, queue.T, precision=jax.lax.Precision.HIGHEST)
   logits = jnp.concatenate([positive, negatives], axis=1) / temperature
   return -jnp.mean(jax.nn.log_softmax(logits, axis=-1)[:, 0])
 

@@ -81,6 +81,28 @@ def initialize_distributed() -> str | None:
   return cluster
 
 
+DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
+
+
+def use_deterministic_ops() -> None:
+  """Makes XLA pick deterministic GPU kernels (no atomics in reductions or scatters), so
+  a resumed run is bit-identical to an uninterrupted one on GPUs too. Only takes effect
+  before JAX starts its backend: call it first (train.py does, for train.deterministic)."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if DETERMINISTIC_FLAG not in flags.split():
+    os.environ["XLA_FLAGS"] = f"{flags} {DETERMINISTIC_FLAG}".strip()
+
+
+def check_deterministic(config) -> None:
+  """Raises ValueError when train.deterministic is asked for on a GPU whose backend started
+  without XLA's deterministic ops."""
+  if (config.train.get("deterministic", False) and jax.default_backend() == "gpu"
+      and DETERMINISTIC_FLAG not in os.environ.get("XLA_FLAGS", "").split()):
+    raise ValueError("train.deterministic needs XLA_FLAGS to contain "
+                     f"{DETERMINISTIC_FLAG} before JAX starts (train.py sets it; in Python "
+                     "call moby_jax.parallel.use_deterministic_ops() first)")
+
+
 def make_mesh(devices=None) -> Mesh:
   """A 1-D mesh with axis `data` over `devices` (default: all devices of all processes)."""
   devices = jax.devices() if devices is None else list(devices)

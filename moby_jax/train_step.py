@@ -14,6 +14,7 @@ import optax
 from jax.sharding import Mesh
 
 from moby_jax import augment, moby, optim, parallel
+from moby_jax.models import layers
 from moby_jax.state import TrainState
 
 
@@ -101,6 +102,28 @@ def _apply(branch, params, batch_stats, images, rng):
   return out, updates.get("batch_stats", {})
 
 
+def _apply_views(branch, params, batch_stats, views, rngs):
+  """Train-mode forward of both views (V, B, ...) in one batched computation (vmapped over
+  the view axis): BatchNorm statistics per view, as two separate passes have them, and
+  the running statistics as after view 1 then view 2."""
+  outs, per_view = jax.vmap(lambda x, r: _apply(branch, params, batch_stats, x, r))(views, rngs)
+  return outs, _in_view_order(batch_stats, per_view)
+
+
+def _in_view_order(before, per_view):
+  """BatchNorm running statistics after view 1 then view 2, from each view's own update of
+  `before`: the update is affine (new = keep * old + momentum * batch statistic), so
+  after both it is update_2 + keep * (update_1 - old); the call counter adds up."""
+  keep = 1 - layers.BatchNorm.momentum
+
+  def combine(path, old, new):
+    if path[-1].key == "num_batches_tracked":
+      return new[1] + (new[0] - old)
+    return new[1] + keep * (new[0] - old)
+
+  return jax.tree_util.tree_map_with_path(combine, before, per_view)
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, config,
                online, target, tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
   """One MoBY step (SPEC §2) on the global batch {"view1", "view2"}.
@@ -124,8 +147,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, config,
   # then the keys (no gradient; target BatchNorm in training mode, per view).
   online_part = {k: state.params[k] for k in state.target_params}
   target_params = moby.target_update(state.target_params, online_part, m)
-  k1, target_stats = _apply(target, target_params, state.target_batch_stats, view1, tdrop1)
-  k2, target_stats = _apply(target, target_params, target_stats, view2, tdrop2)
+  views = jnp.stack([view1, view2])
+  if config.train.views_in_scan:
+    k1, target_stats = _apply(target, target_params, state.target_batch_stats, view1, tdrop1)
+    k2, target_stats = _apply(target, target_params, target_stats, view2, tdrop2)
+  else:
+    (k1, k2), target_stats = _apply_views(target, target_params, state.target_batch_stats,
+                                          views, jnp.stack([tdrop1, tdrop2]))
   k1, k2 = jax.lax.stop_gradient(k1), jax.lax.stop_gradient(k2)
 
   # loss = CE(q1, k2, queue2) + CE(q2, k1, queue1): with the keys and queues fixed the two
@@ -134,22 +162,32 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, config,
     q, stats = _apply(online, params, stats, view, rng)
     return moby.contrastive_loss(q, keys, queue, config.moby.temperature), stats
 
-  grad_fn = jax.value_and_grad(view_loss, has_aux=True)
-
-  # A scan over the two views runs them one after the other, so only one view's
-  # activations are alive at a time (half the peak memory of one joint backward pass)
-  # and the online forward/backward is compiled once. View 1's BN statistics update
-  # comes first, as in PyTorch.
-  def one_view(carry, xs):
-    grads_sum, stats, loss_sum = carry
-    (loss, stats), grads = grad_fn(state.params, stats, *xs)
-    return (jax.tree.map(jnp.add, grads_sum, grads), stats, loss_sum + loss), None
-
-  zeros = jax.tree.map(jnp.zeros_like, state.params)
-  xs = (jnp.stack([view1, view2]), jnp.stack([drop1, drop2]), jnp.stack([k2, k1]),
+  xs = (views, jnp.stack([drop1, drop2]), jnp.stack([k2, k1]),
         jnp.stack([state.queue2, state.queue1]))
-  (grads, batch_stats, loss), _ = jax.lax.scan(
-      one_view, (zeros, state.batch_stats, jnp.zeros((), jnp.float32)), xs)
+  if config.train.views_in_scan:
+    # A scan over the two views runs them one after the other, so only one view's
+    # activations are alive at a time (half the peak memory of one joint backward pass)
+    # and the online forward/backward is compiled once. View 1's BN statistics update
+    # comes first, as in PyTorch.
+    grad_fn = jax.value_and_grad(view_loss, has_aux=True)
+
+    def one_view(carry, xs):
+      grads_sum, stats, loss_sum = carry
+      (loss, stats), grads = grad_fn(state.params, stats, *xs)
+      return (jax.tree.map(jnp.add, grads_sum, grads), stats, loss_sum + loss), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, batch_stats, loss), _ = jax.lax.scan(
+        one_view, (zeros, state.batch_stats, jnp.zeros((), jnp.float32)), xs)
+  else:
+    # Both views as one batch: matmuls twice as large, twice the activation memory.
+    def both_views(params):
+      q, stats = _apply_views(online, params, state.batch_stats, xs[0], xs[1])
+      losses = jax.vmap(lambda q, k, queue: moby.contrastive_loss(
+          q, k, queue, config.moby.temperature))(q, xs[2], xs[3])
+      return jnp.sum(losses), stats
+
+    (loss, batch_stats), grads = jax.value_and_grad(both_views, has_aux=True)(state.params)
   grad_norm = optax.tree.norm(grads)
   opt_state = optim.set_learning_rate(state.opt_state, lr)
   updates, opt_state = tx.update(grads, opt_state, state.params)
@@ -199,15 +237,9 @@ def make_train_step(config, mesh: Mesh | None = None):
 
 def encode(state: TrainState, images, config, branch: str = "online") -> jax.Array:
   """Pooled encoder features (B, C) in eval mode for float32 NHWC normalised images."""
-  if branch not in ("online", "target"):
-    raise ValueError(f"branch must be 'online' or 'target', got {branch!r}")
+  variables = state.encoder(branch)
   online, target = moby.build_branches(config)
   module = (online if branch == "online" else target).encoder
-  params = state.params if branch == "online" else state.target_params
-  stats = state.batch_stats if branch == "online" else state.target_batch_stats
-  variables = {"params": params["encoder"]}
-  if "encoder" in stats:
-    variables["batch_stats"] = stats["encoder"]
   return _encode(module, variables, jnp.asarray(images, jnp.float32))
 
 

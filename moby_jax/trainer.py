@@ -7,6 +7,7 @@ anything, resume from the latest complete checkpoint in the workdir, save every
 and return (train.py then exits 0).
 """
 
+import collections
 import json
 import math
 import time
@@ -97,7 +98,8 @@ def _run_loop(*, config, mesh, loader, state, step_fn, ckpt, logger, bad_files, 
 
   Nothing here waits for the devices except at log steps (metrics are fetched then) and
   checkpoint steps: the stop check is local (preemption.requested), so the host keeps
-  dispatching ahead of the running step.
+  dispatching ahead of the running step, and the next data.device_prefetch batches are
+  already on their way to the devices while a step runs.
   """
   total = optim.total_steps(config)
   steps_per_epoch = config.train.steps_per_epoch
@@ -106,9 +108,21 @@ def _run_loop(*, config, mesh, loader, state, step_fn, ckpt, logger, bad_files, 
   # Steps skipped in a row, counted on the device (no host sync per step).
   consecutive = jax.device_put(np.int32(0), parallel.replicated(mesh))
   preempted = False
+  # Batches taken from the loader and placed on the devices (asynchronously) before their
+  # step: (unreadable indices, global batch, seconds waited for it).
+  ahead = collections.deque()
+  depth = max(1, config.data.device_prefetch)
 
   def position() -> dict:
-    return {**loader.get_state(), **(progress() if progress else {})}
+    """Where the next start continues: the batches fetched ahead are not consumed yet."""
+    return {**loader.get_state(rewind=len(ahead)), **(progress() if progress else {})}
+
+  def fetch() -> None:
+    start = time.perf_counter()
+    batch = next(loader)
+    waited = time.perf_counter() - start
+    bad = batch.pop("bad")
+    ahead.append((bad, parallel.to_global({k: batch[k] for k in unit_metrics}, mesh), waited))
 
   try:
     while step < total:
@@ -120,11 +134,10 @@ def _run_loop(*, config, mesh, loader, state, step_fn, ckpt, logger, bad_files, 
           say(f"stop requested (SIGTERM) before the first step: exiting at step {step}")
         preempted = True
         break
-      start = time.perf_counter()
-      batch = next(loader)
-      waited = time.perf_counter() - start
-      bad_files.add(batch.pop("bad"))
-      batch = {k: batch[k] for k in unit_metrics}
+      while len(ahead) < min(depth, total - step):
+        fetch()
+      bad, batch, waited = ahead.popleft()
+      bad_files.add(bad)
       state, metrics = step_fn(state, batch)
       consecutive = _count_skipped(consecutive, metrics["skipped"])
       step += 1
@@ -183,6 +196,7 @@ def _pretrain(config, workdir, mesh) -> dict:
   workdir = files.path(workdir)
   mesh = parallel.make_mesh() if mesh is None else mesh
   # Everything that can be wrong with the config or the data fails here, before compiling.
+  parallel.check_deterministic(config)
   loaders.check_config(config.data)
   source = build_source(config.data, "train")
   val_source = build_source(config.data, "val") if _needs_val(config) else None
@@ -411,6 +425,7 @@ def _linear_eval(config, workdir, mesh) -> dict:
   if stopped := _stopped("start-up"):
     return stopped
   mesh = parallel.make_mesh() if mesh is None else mesh
+  parallel.check_deterministic(config)
   loaders.check_config(config.data)
   source = build_source(config.data, "train")
   val_source = build_source(config.data, "val") if config.eval.enabled else None

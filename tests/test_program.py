@@ -71,6 +71,11 @@ def test_same_seed_same_losses_and_device_count_does_not_matter(folder, referenc
   again = trainer.pretrain(tiny_config(folder), tmp_path / "again", mesh=one_device())
   assert again["step"] == 9
   assert losses(tmp_path / "again") == first
+  # Batches placed on the devices 1 or (the default) 2 steps ahead: the same losses.
+  ahead = tiny_config(folder)
+  ahead.data.device_prefetch = 1
+  trainer.pretrain(ahead, tmp_path / "ahead", mesh=one_device())
+  assert losses(tmp_path / "ahead") == first
   # On 4 devices: the same losses within float32 reduction-order noise.
   trainer.pretrain(tiny_config(folder), tmp_path / "four",
                    mesh=parallel.make_mesh(jax.devices()[:4]))
@@ -130,7 +135,9 @@ def test_sigterm_during_start_up_and_compilation_exits_0_and_the_next_start_trai
   assert proc.returncode == 0, "".join(output)[-3000:]
   assert "stop requested (SIGTERM) before the first step" in "".join(output)
   assert not list((tmp_path / "run" / "checkpoints").glob("[0-9]*"))
-  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  # (With train.deterministic, which sets XLA's deterministic-ops flag before JAX starts.)
+  result = subprocess.run(command + ["--config.train.deterministic=true"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   assert checkpoint.Checkpointer(tmp_path / "run", None, 0, None).latest_step() == 3
 

@@ -163,10 +163,11 @@ def test_bfloat16_close_to_float32():
   assert all(leaf.dtype == jnp.float32 for leaf in leaves)
 
 
-def test_remat_same_values_and_gradients():
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_same_values_and_gradients(policy):
   plain = build_encoder(dict(name="swin_mu", norm_before_mlp="bn", drop_path_rate=0.1))
   remat = build_encoder(dict(name="swin_mu", norm_before_mlp="bn", drop_path_rate=0.1,
-                             remat=True))
+                             remat=policy))
   variables = reference_variables(plain)
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
 

@@ -115,6 +115,59 @@ def test_golden_fixture_three_steps(moby_fixture, fixture_step):
     opt_state = state.opt_state
 
 
+def test_bfloat16_steps_follow_the_float32_golden_steps(moby_fixture):
+  """Mixed precision (model.dtype bfloat16, AMP O1-like) against the released float32
+  steps of the golden fixture: each step taken in bfloat16 from the released state before
+  it has the released loss within 1e-2 relative and writes keys within a cosine of 0.999
+  of the released ones; parameters and optimizer state stay float32."""
+  fx = moby_fixture
+  config = fixture_config()
+  config.model.dtype = "bfloat16"
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  step = moby_jax.make_train_step(config, mesh)
+  for s in (1, 2, 3):
+    prefix = "init/" if s == 1 else f"step{s - 1}/"
+    state = fixture_state(fx, prefix, config, step=s - 1, mesh=mesh)
+    batch = {"view1": fx[f"step{s}/view1_nhwc"], "view2": fx[f"step{s}/view2_nhwc"]}
+    state, metrics = step(state, batch)
+    assert rel_err(metrics["loss"], fx[f"step{s}/loss"]) < 1e-2, s
+    sd = convert.to_pytorch(state, config, meta=False)["model"]
+    written = slice(4 * (s - 1), 4 * s)  # this step's keys (queue columns are unit vectors)
+    for q in ("queue1", "queue2"):
+      cosine = np.sum(sd[q][:, written] * fx[f"step{s}/{q}"][:, written], axis=0)
+      assert cosine.min() > 0.999, (s, q, cosine)
+  for leaf in jax.tree.leaves((state.params, state.target_params, state.opt_state)):
+    assert leaf.dtype in (jnp.float32, jnp.int32), leaf.dtype
+
+
+@pytest.mark.parametrize("name", ["swin_mu", "deit_mu"])
+def test_mixed_precision_policy(name):
+  """bfloat16 where AMP O1 runs half precision (Linears, convolution, attention matmuls),
+  float32 for the residual stream (every block's output), LayerNorm, BatchNorm and the
+  branch output."""
+  config = fixture_config()
+  if name == "swin_mu":
+    config.model.update(dtype="bfloat16", norm_before_mlp="bn")
+  else:
+    config.model = dict(name=name, img_size=32, dtype="bfloat16")
+  online, _ = moby.build_branches(config)
+  images = jnp.zeros((2, 32, 32, 3), jnp.float32)
+  variables = online.init(jax.random.key(0), images, train=False)
+  out, state = online.apply(variables, images, train=True, capture_intermediates=True,
+                            mutable=["intermediates", "batch_stats"])
+  assert out.dtype == jnp.float32
+  dtypes = {}
+  for path, value in jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]:
+    names = [p.key for p in path if hasattr(p, "key") and p.key != "__call__"]
+    dtypes.setdefault(names[-1] if names else "branch", set()).add(value.dtype)
+  for module, kinds in dtypes.items():
+    if module.startswith(("branch", "encoder", "blocks_", "norm", "linear_hidden_2",
+                          "downsample")):
+      assert kinds == {jnp.dtype(jnp.float32)}, (module, kinds)
+    if module in ("qkv", "proj", "fc1", "fc2", "reduction"):
+      assert kinds == {jnp.dtype(jnp.bfloat16)}, (module, kinds)
+
+
 @pytest.mark.parametrize("norm", ["ln", "bn"])
 def test_parity_with_pytorch_moby_one_step(norm):
   config = fixture_config(batch_size=8)
@@ -192,8 +245,11 @@ def test_weight_decay_masks():
   assert not (bare["absolute_pos_embed"] or bare["cls_token"] or bare["pos_embed"])
 
 
-def _run(config, mesh, steps, fx):
-  state = fixture_state(fx, "init/", config, mesh=mesh)
+def _run(config, mesh, steps, fx=None):
+  """`steps` steps on random views from the golden fixture's initial state (fx) or from a
+  fresh state of train.seed (fx None)."""
+  state = (fixture_state(fx, "init/", config, mesh=mesh) if fx is not None else
+           moby_jax.create_train_state(config, jax.random.key(config.train.seed), mesh))
   step = moby_jax.make_train_step(config, mesh)
   rng = np.random.default_rng(7)
   losses = []
@@ -205,12 +261,16 @@ def _run(config, mesh, steps, fx):
   return state, np.asarray(losses)
 
 
-def assert_states_equal(a, b, config, tol=1e-5):
-  """Loss-relevant state of two runs equal leaf by leaf within `tol` relative."""
+def assert_states_equal(a, b, config, tol=1e-5, atol=0.0):
+  """Loss-relevant state of two runs equal leaf by leaf within `tol` relative (leaves
+  whose values all stay under `atol`, e.g. rounding noise on zero-gradient biases
+  that start at zero, within `atol`)."""
   want, ours = convert.to_pytorch(a, config)["model"], convert.to_pytorch(b, config)["model"]
   assert set(want) == set(ours)
   for key in want:
-    if want[key].dtype.kind == "f" and np.any(want[key]):
+    if want[key].dtype.kind == "f" and np.abs(want[key]).max() < atol:
+      np.testing.assert_allclose(ours[key], want[key], atol=atol, err_msg=key)
+    elif want[key].dtype.kind == "f" and np.any(want[key]):
       assert rel_err(ours[key], want[key]) < tol, key
     else:
       np.testing.assert_array_equal(ours[key], want[key], err_msg=key)
@@ -233,6 +293,24 @@ def test_eight_devices_equal_one(moby_fixture, monkeypatch):
     assert rel_err(losses8, losses1) < 1e-5
     assert int(eight.queue_ptr) == int(one.queue_ptr) == (3 * 16) % config.moby.queue_size
     assert_states_equal(one, eight, config)
+
+
+@pytest.mark.parametrize("norm", ["ln", "bn"])
+def test_views_as_one_batch_equal_the_scan_over_views(norm):
+  """train.views_in_scan=False (both views in one batched pass, BatchNorm statistics per
+  view, running statistics in view order) gives the scan's numbers: losses and the whole
+  state within 1e-5, with stochastic depth on (the same masks: each view keeps its rng)."""
+  config = noise_robust_config(batch_size=8)
+  config.model.update(norm_before_mlp=norm, drop_path_rate=0.2)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  scanned, losses_scan = _run(config, mesh, 3)
+  config.train.views_in_scan = False
+  batched, losses_batch = _run(config, mesh, 3)
+  assert rel_err(losses_batch, losses_scan) < 1e-5
+  assert_states_equal(scanned, batched, config, atol=1e-6)
+  counts = [v for k, v in convert.to_pytorch(batched, config, meta=False)["model"].items()
+            if k.endswith("num_batches_tracked")]
+  assert counts and all(int(c) == 2 * 3 for c in counts)  # two views per step
 
 
 def test_traces_once_and_donates(moby_fixture, monkeypatch):

@@ -113,8 +113,10 @@ class Loader:
     self._step += 1
     return self._host_fn(batch) if self._host_fn else batch
 
-  def get_state(self) -> dict:
-    return {"next_index": self._step}
+  def get_state(self, rewind: int = 0) -> dict:
+    """The position (JSON-able): the number of batches handed out, less `rewind` (batches
+    the caller took but has not used, e.g. prefetched to the devices)."""
+    return {"next_index": self._step - rewind}
 
   def set_state(self, state: dict) -> None:
     self.close()

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moby_jax.models import layers
 from moby_jax.models.swin import SwinTransformer
 from moby_jax.models.vit import VisionTransformer
 
@@ -64,6 +65,10 @@ def build_encoder(model_config: Mapping[str, Any]) -> nn.Module:
   for key in ("depths", "num_heads"):
     if isinstance(fields.get(key), list):
       fields[key] = tuple(fields[key])
+  remat = fields.get("remat", False)
+  if not isinstance(remat, bool) and remat not in layers.REMAT_POLICIES:
+    raise ValueError(f"model.remat must be one of {sorted(layers.REMAT_POLICIES)} (or a "
+                     f"bool), got {remat!r}")
   model = cls(**{**defaults, **fields})
   model.check_geometry()
   return model

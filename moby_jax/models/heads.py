@@ -18,8 +18,10 @@ Dtype = Any
 class MLPHead(nn.Module):
   """`num_layers` Linear layers, each but the last followed by BatchNorm + ReLU.
 
-  BatchNorm statistics are over the whole (global) batch in training mode (SyncBN).
-  x: (B, in) -> (B, out_dim), float32.
+  BatchNorm statistics are over the whole (global) batch in training mode (SyncBN). The
+  Linears keep PyTorch's default init (the released `MoBYMLP` never re-initialises
+  them) and run in `dtype`; BatchNorm and ReLU in float32. x: (B, in) -> (B, out_dim),
+  float32.
   """
   hidden_dim: int
   out_dim: int
@@ -32,8 +34,9 @@ class MLPHead(nn.Module):
       raise ValueError(f"MLP head needs at least one layer, got num_layers={self.num_layers} "
                        "(config fields moby.proj_layers / moby.pred_layers)")
     for i in range(self.num_layers - 1):
-      x = layers.dense(self.hidden_dim, f"linear_hidden_{3 * i + 1}", self.dtype)(x)
-      x = layers.BatchNorm(dtype=self.dtype, name=f"linear_hidden_{3 * i + 2}")(
-          x, use_running_average=not train)
+      x = layers.dense(self.hidden_dim, f"linear_hidden_{3 * i + 1}", self.dtype,
+                       initializer="torch")(x)
+      x = layers.BatchNorm(name=f"linear_hidden_{3 * i + 2}")(x, use_running_average=not train)
       x = nn.relu(x)
-    return layers.dense(self.out_dim, "linear_out", self.dtype)(x).astype(jnp.float32)
+    return layers.dense(self.out_dim, "linear_out", self.dtype, initializer="torch")(x).astype(
+        jnp.float32)

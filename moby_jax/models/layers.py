@@ -11,12 +11,25 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
-# Initialisers of the original Swin/DeiT code: truncated normal (std 0.02) for Linear
-# weights and learned embeddings, zeros for biases.
-trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
+def trunc_normal(key, shape, dtype=jnp.float32, std: float = 0.02, bound: float = 2.0):
+  """timm's `trunc_normal_(t, std=.02)`: N(0, std) cut at +-`bound` in absolute units
+  (not standard deviations), so at std 0.02 it is a plain normal: Linear weights, relative
+  position bias tables and position embeddings of the original Swin/DeiT code."""
+  return jnp.clip(std * jax.random.normal(key, shape, dtype), -bound, bound)
+
+
+def torch_uniform(fan_in: int):
+  """PyTorch's default Linear/Conv2d init, kaiming_uniform_(a=sqrt(5)) for weights and the
+  same bound for biases: U(-1/sqrt(fan_in), +1/sqrt(fan_in))."""
+  bound = fan_in ** -0.5
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype,
+                                                                  -bound, bound)
+
+
 zeros = nn.initializers.zeros
 
 
@@ -31,10 +44,58 @@ def to_hw(size: int | tuple[int, int]) -> tuple[int, int]:
   return (size, size) if isinstance(size, int) else tuple(size)
 
 
-def dense(features: int, name: str, dtype: Dtype, use_bias: bool = True) -> nn.Dense:
-  """A Linear layer with the original init, fp32 params and `dtype` compute."""
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                  kernel_init=trunc_normal, bias_init=zeros, name=name)
+class Dense(nn.Module):
+  """A Linear layer: float32 params, matmul in `dtype` (inputs cast to it), output in
+  `dtype`. `initializer`: "timm" (the backbones: truncated normal 0.02, zero bias) or
+  "torch" (PyTorch's defaults, which the released MoBY heads keep)."""
+  features: int
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  initializer: str = "timm"
+
+  @nn.compact
+  def __call__(self, x):
+    fan_in = x.shape[-1]
+    kernel_init, bias_init = ((trunc_normal, zeros) if self.initializer == "timm"
+                              else (torch_uniform(fan_in), torch_uniform(fan_in)))
+    kernel = self.param("kernel", kernel_init, (fan_in, self.features), jnp.float32)
+    y = jnp.matmul(x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      y = y + self.param("bias", bias_init, (self.features,), jnp.float32).astype(self.dtype)
+    return y
+
+
+def dense(features: int, name: str, dtype: Dtype, use_bias: bool = True,
+          initializer: str = "timm") -> Dense:
+  """A Linear layer named `name` (see Dense)."""
+  return Dense(features, use_bias, dtype, initializer, name=name)
+
+
+def layer_norm(epsilon: float, name: str) -> nn.LayerNorm:
+  """LayerNorm computed and returned in float32 whatever the compute dtype (AMP O1)."""
+  return nn.LayerNorm(epsilon, dtype=jnp.float32, param_dtype=jnp.float32, name=name)
+
+
+# Rematerialisation of the blocks (model.remat): what the backward pass recomputes.
+REMAT_POLICIES = {
+    "none": None,              # keep every activation
+    "full": "nothing_saveable",  # keep only each block's input, recompute the rest
+    "dots": "checkpoint_dots",  # keep the matmul outputs, recompute the element-wise ops
+}
+
+
+def remat_block(block_cls, remat):
+  """`block_cls` wrapped by nn.remat for `remat` (a REMAT_POLICIES name, or a bool: True is
+  "full"); its __call__(x, deterministic) keeps `deterministic` static."""
+  remat = {True: "full", False: "none"}.get(remat, remat)
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"model.remat must be one of {sorted(REMAT_POLICIES)} (or a bool), "
+                     f"got {remat!r}")
+  if remat == "none":
+    return block_cls
+  policy = getattr(jax.checkpoint_policies, REMAT_POLICIES[remat])
+  # static_argnums counts the module as argument 0, so 2 is `deterministic`.
+  return nn.remat(block_cls, static_argnums=(2,), policy=policy)
 
 
 def drop_path(x: jax.Array, rate: float, deterministic: bool, name: str) -> jax.Array:
@@ -50,7 +111,8 @@ def drop_path(x: jax.Array, rate: float, deterministic: bool, name: str) -> jax.
 
 
 class Mlp(nn.Module):
-  """Linear(dim -> hidden) -> exact (erf) GELU -> Linear(hidden -> dim)."""
+  """Linear(dim -> hidden) -> exact (erf) GELU in float32 -> Linear(hidden -> dim); the
+  Linears in `dtype`, the output in `dtype`."""
   hidden_dim: int
   dtype: Dtype = jnp.float32
 
@@ -58,7 +120,7 @@ class Mlp(nn.Module):
   def __call__(self, x):
     out_dim = x.shape[-1]
     x = dense(self.hidden_dim, "fc1", self.dtype)(x)
-    x = nn.gelu(x, approximate=False)
+    x = nn.gelu(x.astype(jnp.float32), approximate=False)
     return dense(out_dim, "fc2", self.dtype)(x)
 
 
@@ -71,11 +133,11 @@ class BatchNorm(nn.Module):
   PyTorch code. Statistics are computed in float32 over the whole (global) batch: under
   `jax.jit` with a data-sharded batch this is synchronised BatchNorm with no extra code.
   Eval mode normalises with the running statistics. `num_batches_tracked` counts
-  training-mode calls, like PyTorch's buffer of that name.
+  training-mode calls, like PyTorch's buffer of that name. The output is float32, as
+  AMP O1 keeps BatchNorm.
   """
   momentum: float = 0.1
   epsilon: float = 1e-5
-  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, use_running_average: bool):
@@ -99,12 +161,12 @@ class BatchNorm(nn.Module):
         ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
         ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
         count.value = count.value + 1
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
-    return y.astype(self.dtype)
+    return (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
 
 
 class PatchEmbed(nn.Module):
-  """Conv with kernel = stride = patch size: (B, H, W, 3) -> (B, H/p, W/p, embed_dim).
+  """Conv with kernel = stride = patch size: (B, H, W, 3) -> (B, H/p, W/p, embed_dim),
+  float32 (the convolution in `dtype`).
 
   Followed by a LayerNorm named `norm` when `norm_eps` is given (Swin's `patch_norm`).
   """
@@ -124,10 +186,10 @@ class PatchEmbed(nn.Module):
                 kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
                 bias_init=lambda key, shape, dtype: jax.random.uniform(
                     key, shape, dtype, -bound, bound),
-                name="proj")(x)
+                name="proj")(x.astype(self.dtype))
     if self.norm_eps is not None:
-      x = nn.LayerNorm(self.norm_eps, dtype=self.dtype, name="norm")(x)
-    return x
+      return layer_norm(self.norm_eps, "norm")(x)
+    return x.astype(jnp.float32)
 
 
 class Attention(nn.Module):
@@ -137,9 +199,11 @@ class Attention(nn.Module):
   `relative_position_bias_table` ((2ws-1)^2, heads) gathered by `relative_index`
   (ws^2, ws^2) is added to the logits, and an optional additive `mask`
   (nW, N, N) is applied per window (the leading axis of x is batch * nW, window-major
-  inside each image). Logits and softmax are float32 whatever the compute dtype.
+  inside each image). The projections and both attention matmuls run in `dtype`; the
+  logits come out of their matmul in float32 (accumulated and kept in float32), and
+  the bias, mask and softmax are float32 whatever the compute dtype.
 
-  x: (B_, N, C) -> (B_, N, C).
+  x: (B_, N, C) -> (B_, N, C) in `dtype`.
   """
   num_heads: int
   qkv_bias: bool = True
@@ -154,12 +218,18 @@ class Attention(nn.Module):
     qkv = qkv.reshape(b, n, 3, self.num_heads, head_dim)  # PyTorch's (3, heads, hd) order
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q = q * head_dim ** -0.5
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     if self.window_size is not None:
       ws = self.window_size
       table = self.param("relative_position_bias_table", trunc_normal,
                          ((2 * ws - 1) ** 2, self.num_heads), jnp.float32)
-      bias = table[relative_index.reshape(-1)].reshape(n, n, self.num_heads)
+      # A one-hot matmul instead of a gather: exact (one term per sum), and its gradient
+      # is a matmul, where a gather's is a scatter-add that GPUs compute in a
+      # non-deterministic order.
+      onehot = jax.nn.one_hot(np.asarray(relative_index).reshape(-1), table.shape[0],
+                              dtype=jnp.float32)
+      bias = jnp.matmul(onehot, table, precision=jax.lax.Precision.HIGHEST)
+      bias = bias.reshape(n, n, self.num_heads)
       logits = logits + bias.transpose(2, 0, 1)[None]
     if mask is not None:
       nw = mask.shape[0]

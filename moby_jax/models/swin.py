@@ -5,6 +5,11 @@ module tree mirrors the original names (`layers_{i}/blocks_{j}/attn/qkv`, ...) s
 `convert` maps it to the PyTorch state_dict with one table. Activations stay in
 (B, H, W, C) layout between blocks; windows are cut out by reshapes.
 
+Precision (`dtype`, the compute dtype) follows AMP O1, how the released code trains:
+Linears, the patch convolution and the attention matmuls run in `dtype`; the residual
+stream, LayerNorm, BatchNorm, softmax, GELU and the pooled feature stay float32; params
+are float32.
+
 The "bn" variant (`norm_before_mlp="bn"`, MoBY-BN) uses a real BatchNorm before the MLP,
 with learned scale/bias and running statistics over the global batch. The released
 PyTorch code instead builds a fresh, untrained BatchNorm at every call (and, through a
@@ -79,7 +84,7 @@ class SwinBlock(nn.Module):
     b, h, w, c = x.shape
     ws, shift = self.window_size, self.shift
     shortcut = x
-    x = nn.LayerNorm(1e-5, dtype=self.dtype, name="norm1")(x)
+    x = layers.layer_norm(1e-5, "norm1")(x)
     if shift:
       x = jnp.roll(x, (-shift, -shift), axis=(1, 2))
     mask = shifted_window_mask(h, w, ws, shift) if shift else None
@@ -90,9 +95,9 @@ class SwinBlock(nn.Module):
       x = jnp.roll(x, (shift, shift), axis=(1, 2))
     x = shortcut + layers.drop_path(x, self.drop_path, deterministic, "drop_path1")
     if self.norm_before_mlp == "bn":
-      y = layers.BatchNorm(dtype=self.dtype, name="norm2")(x, use_running_average=deterministic)
+      y = layers.BatchNorm(name="norm2")(x, use_running_average=deterministic)
     else:
-      y = nn.LayerNorm(1e-5, dtype=self.dtype, name="norm2")(x)
+      y = layers.layer_norm(1e-5, "norm2")(x)
     y = layers.Mlp(int(c * self.mlp_ratio), self.dtype, name="mlp")(y)
     return x + layers.drop_path(y, self.drop_path, deterministic, "drop_path2")
 
@@ -110,8 +115,9 @@ class PatchMerging(nn.Module):
     c = x.shape[-1]
     x = jnp.concatenate(
         [x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], axis=-1)
-    x = nn.LayerNorm(1e-5, dtype=self.dtype, name="norm")(x)
-    return layers.dense(2 * c, "reduction", self.dtype, use_bias=False)(x)
+    x = layers.layer_norm(1e-5, "norm")(x)
+    # The residual stream of the next stage starts here: float32.
+    return layers.dense(2 * c, "reduction", self.dtype, use_bias=False)(x).astype(jnp.float32)
 
 
 class SwinStage(nn.Module):
@@ -126,13 +132,12 @@ class SwinStage(nn.Module):
   drop_paths: Sequence[float]
   norm_before_mlp: str
   downsample: bool
-  remat: bool
+  remat: bool | str
   dtype: Dtype
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
-    # static_argnums counts the module as argument 0, so 2 is `deterministic`.
-    block_cls = nn.remat(SwinBlock, static_argnums=(2,)) if self.remat else SwinBlock
+    block_cls = layers.remat_block(SwinBlock, self.remat)
     for j, ((ws, shift), dp) in enumerate(zip(self.geometry, self.drop_paths)):
       x = block_cls(self.num_heads, ws, shift, self.mlp_ratio, self.qkv_bias, dp,
                     self.norm_before_mlp, self.dtype, name=f"blocks_{j}")(x, deterministic)
@@ -166,7 +171,7 @@ class SwinTransformer(nn.Module):
   patch_norm: bool = True
   norm_before_mlp: str = "ln"
   num_classes: int = 0
-  remat: bool = False
+  remat: bool | str = False  # layers.REMAT_POLICIES
   dtype: Dtype = jnp.float32
 
   @property
@@ -228,13 +233,12 @@ class SwinTransformer(nn.Module):
       raise ValueError(f"Swin: input images are {x.shape[1]}x{x.shape[2]} but the model was "
                        f"built for {self.image_hw[0]}x{self.image_hw[1]} (config field "
                        f"model.img_size)")
-    x = x.astype(self.dtype)
     x = layers.PatchEmbed(self.patch_size, self.embed_dim, 1e-5 if self.patch_norm else None,
                           self.dtype, name="patch_embed")(x)
     if self.ape:
       b, h, w, c = x.shape
       pos = self.param("absolute_pos_embed", layers.trunc_normal, (1, h * w, c), jnp.float32)
-      x = x + pos.reshape(1, h, w, c).astype(self.dtype)
+      x = x + pos.reshape(1, h, w, c)
     rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths)).tolist()
     stages = []
     for i, geo in enumerate(self.block_geometry()):
@@ -244,8 +248,8 @@ class SwinTransformer(nn.Module):
                          i < len(self.depths) - 1, self.remat, self.dtype,
                          name=f"layers_{i}")(x, not train)
       stages.append(out)
-    x = nn.LayerNorm(1e-5, dtype=self.dtype, name="norm")(x)
-    out = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    x = layers.layer_norm(1e-5, "norm")(x)
+    out = jnp.mean(x, axis=(1, 2))
     if self.num_classes:
       out = layers.dense(self.num_classes, "head", jnp.float32)(out)
     return (out, stages) if return_stages else out

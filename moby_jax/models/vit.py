@@ -4,6 +4,8 @@ Same function as the original on the same weights (SPEC §1): patch embedding, a
 prepended cls token, learned position embedding, pre-norm blocks with LayerNorm
 epsilon 1e-6 and exact GELU, final LayerNorm; the feature is the cls token.
 Module names mirror the original (`blocks_{i}/attn/qkv`, ...) for `convert`.
+Precision follows AMP O1 as in swin.py: matmuls in `dtype`, the residual stream,
+LayerNorm, softmax and GELU in float32.
 """
 
 from typing import Any
@@ -28,10 +30,10 @@ class ViTBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
-    y = nn.LayerNorm(EPS, dtype=self.dtype, name="norm1")(x)
+    y = layers.layer_norm(EPS, "norm1")(x)
     y = layers.Attention(self.num_heads, self.qkv_bias, None, self.dtype, name="attn")(y)
     x = x + layers.drop_path(y, self.drop_path, deterministic, "drop_path1")
-    y = nn.LayerNorm(EPS, dtype=self.dtype, name="norm2")(x)
+    y = layers.layer_norm(EPS, "norm2")(x)
     y = layers.Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype, name="mlp")(y)
     return x + layers.drop_path(y, self.drop_path, deterministic, "drop_path2")
 
@@ -51,7 +53,7 @@ class VisionTransformer(nn.Module):
   qkv_bias: bool = True
   drop_path_rate: float = 0.0
   num_classes: int = 0
-  remat: bool = False
+  remat: bool | str = False  # layers.REMAT_POLICIES
   dtype: Dtype = jnp.float32
 
   @property
@@ -80,20 +82,19 @@ class VisionTransformer(nn.Module):
                        f"built for {self.image_hw[0]}x{self.image_hw[1]} (config field "
                        f"model.img_size)")
     x = layers.PatchEmbed(self.patch_size, self.embed_dim, None, self.dtype,
-                          name="patch_embed")(x.astype(self.dtype))
+                          name="patch_embed")(x)
     b, h, w, c = x.shape
     x = x.reshape(b, h * w, c)
     cls = self.param("cls_token", layers.trunc_normal, (1, 1, c), jnp.float32)
     pos = self.param("pos_embed", layers.trunc_normal, (1, h * w + 1, c), jnp.float32)
-    x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, c)), x], axis=1)
-    x = x + pos.astype(self.dtype)
-    block_cls = nn.remat(ViTBlock, static_argnums=(2,)) if self.remat else ViTBlock
+    x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, c)), x], axis=1) + pos
+    block_cls = layers.remat_block(ViTBlock, self.remat)
     rates = np.linspace(0.0, self.drop_path_rate, self.depth).tolist()
     for i in range(self.depth):
       x = block_cls(self.num_heads, self.mlp_ratio, self.qkv_bias, rates[i], self.dtype,
                     name=f"blocks_{i}")(x, not train)
-    x = nn.LayerNorm(EPS, dtype=self.dtype, name="norm")(x)
-    out = x[:, 0].astype(jnp.float32)
+    x = layers.layer_norm(EPS, "norm")(x)
+    out = x[:, 0]
     if self.num_classes:
       out = layers.dense(self.num_classes, "head", jnp.float32)(out)
     return out
