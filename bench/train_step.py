@@ -3,6 +3,7 @@
   python bench/train_step.py --config moby_swin_tiny --batch 64 --dtype float32
   python bench/train_step.py --config moby_deit_small --batch 256 --dtype bfloat16
   python bench/train_step.py --batch 128 --dtype bfloat16 --views batch --remat dots
+  python bench/train_step.py --config moby_swin_tiny --batch 8 --breakdown
 
 Each framework runs in its own child process (so peak RSS is its own): build the model,
 `--warmup` untimed steps (compilation included there), then the median of `--repeats`
@@ -86,6 +87,11 @@ def bench_jax(args) -> dict:
     metrics["loss"].block_until_ready()
 
   seconds = median_seconds(run_step, args.warmup, args.repeats)
+  breakdown = None
+  if args.breakdown:
+    from breakdown import jax_breakdown
+    hlo = step.jitted.lower(holder["state"], batch).compile().as_text()
+    breakdown = jax_breakdown(hlo, run_step)
   kind = jax.devices()[0].device_kind
   peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
   out = dict(framework="jax", device=f"{jax.device_count()} x {kind}", seconds=seconds,
@@ -95,6 +101,8 @@ def bench_jax(args) -> dict:
   memory = jax.local_devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in memory:
     out["peak_device_gib"] = memory["peak_bytes_in_use"] / 2 ** 30
+  if breakdown:
+    out["breakdown"] = breakdown
   return out
 
 
@@ -120,6 +128,9 @@ def bench_torch(args) -> dict:
   seconds = median_seconds(run_step, args.warmup, args.repeats)
   name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
   out = dict(framework="torch", device=name, seconds=seconds, pairs_per_s=args.batch / seconds)
+  if args.breakdown:
+    from breakdown import torch_breakdown
+    out["breakdown"] = torch_breakdown(run_step)
   if device == "cuda":
     out["peak_device_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
   return out
@@ -137,6 +148,10 @@ def main():
                       help="JAX: rematerialisation of the blocks")
   parser.add_argument("--frameworks", default="jax,torch", help="which to run, in order")
   parser.add_argument("--json", help="append one JSON line per framework to this file")
+  parser.add_argument("--breakdown", action="store_true",
+                      help="also profile two steps and split their time by kind of "
+                           "operation (matmul, layout, reduction, elementwise) and, for "
+                           "JAX, by part of the model (bench/breakdown.py)")
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--peak-tflops", type=float, default=None,
@@ -177,6 +192,10 @@ def main():
   if len(results) == 2:
     ratio = results["jax"]["pairs_per_s"] / results["torch"]["pairs_per_s"]
     print(f"  ratio jax / torch: {ratio:.2f}x")
+  if args.breakdown:
+    from breakdown import table
+    print("\nTime by kind of operation (profiled steps; concurrent operations each count):")
+    print(table({name: r["breakdown"] for name, r in results.items()}))
   if args.json:
     with open(args.json, "a") as f:
       for r in results.values():

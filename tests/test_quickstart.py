@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -60,6 +61,22 @@ def test_full_quickstart_beats_the_random_encoder(tmp_path, seed):
   results = json.loads((tmp_path / "results.json").read_text())
   assert results["knn_top1"] >= results["knn_top1_init"] + 10, results
   assert results["seconds"] < 600, results
+
+
+@pytest.mark.slow
+def test_bfloat16_quickstart_learns_as_well_as_float32(tmp_path):
+  """Mixed precision (bf16 matmuls; float32 residual stream, norms, softmax and loss) on
+  the full quick start, seed 0: the last kNN monitor within 2 points of float32's."""
+  top1 = {}
+  for dtype in ("float32", "bfloat16"):
+    result = run(tmp_path / dtype, "--config.train.seed=0", f"--config.model.dtype={dtype}",
+                 "--config.eval.enabled=False", timeout=1200)
+    assert result.returncode == 0, result.stdout + result.stderr
+    monitors = re.findall(r"epoch (\d+): kNN top-1 ([\d.]+)%", result.stdout)
+    assert monitors, result.stdout
+    top1[dtype] = float(monitors[-1][1])
+  print(f"kNN top-1 after the quick start, seed 0: {top1}")
+  assert abs(top1["bfloat16"] - top1["float32"]) <= 2.0, top1
 
 
 def test_bad_config_field_fails_with_a_clear_message(tmp_path):

@@ -110,6 +110,14 @@ def drop_path(x: jax.Array, rate: float, deterministic: bool, name: str) -> jax.
       x, deterministic=deterministic)
 
 
+def gelu(x):
+  """Exact GELU in float32, written as PyTorch computes it: x/2 (1 + erf(x / sqrt 2)).
+  (jax.nn.gelu's exact form goes through erfc and an exponential: twice the cost on
+  CPUs.)"""
+  x = x.astype(jnp.float32)
+  return 0.5 * x * (1.0 + jax.lax.erf(x * np.float32(2 ** -0.5)))
+
+
 class Mlp(nn.Module):
   """Linear(dim -> hidden) -> exact (erf) GELU in float32 -> Linear(hidden -> dim); the
   Linears in `dtype`, the output in `dtype`."""
@@ -120,8 +128,7 @@ class Mlp(nn.Module):
   def __call__(self, x):
     out_dim = x.shape[-1]
     x = dense(self.hidden_dim, "fc1", self.dtype)(x)
-    x = nn.gelu(x.astype(jnp.float32), approximate=False)
-    return dense(out_dim, "fc2", self.dtype)(x)
+    return dense(out_dim, "fc2", self.dtype)(gelu(x))
 
 
 class BatchNorm(nn.Module):
@@ -164,6 +171,27 @@ class BatchNorm(nn.Module):
     return (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
 
 
+class PatchConv(nn.Module):
+  """Conv2d with kernel = stride = p (flax Conv's params: kernel (p, p, C, out), bias),
+  computed as what it is, one matmul over the non-overlapping patches: the reshapes are
+  free and the weight gradient is a matmul too (XLA's CPU convolution gradient for this
+  stride is ten times slower). PyTorch's default Conv2d init, as the originals keep."""
+  features: int
+  patch_size: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    p = self.patch_size
+    b, h, w, c = x.shape
+    init = torch_uniform(p * p * c)
+    kernel = self.param("kernel", init, (p, p, c, self.features), jnp.float32)
+    bias = self.param("bias", init, (self.features,), jnp.float32)
+    patches = x.astype(self.dtype).reshape(b, h // p, p, w // p, p, c)
+    y = jnp.einsum("bhpwqc,pqco->bhwo", patches, kernel.astype(self.dtype))
+    return y + bias.astype(self.dtype)
+
+
 class PatchEmbed(nn.Module):
   """Conv with kernel = stride = patch size: (B, H, W, 3) -> (B, H/p, W/p, embed_dim),
   float32 (the convolution in `dtype`).
@@ -177,16 +205,7 @@ class PatchEmbed(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    p = self.patch_size
-    # The originals keep PyTorch's default Conv2d init here: weight and bias uniform in
-    # +-1/sqrt(fan_in).
-    bound = (p * p * x.shape[-1]) ** -0.5
-    x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                param_dtype=jnp.float32,
-                kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
-                bias_init=lambda key, shape, dtype: jax.random.uniform(
-                    key, shape, dtype, -bound, bound),
-                name="proj")(x.astype(self.dtype))
+    x = PatchConv(self.embed_dim, self.patch_size, self.dtype, name="proj")(x)
     if self.norm_eps is not None:
       return layer_norm(self.norm_eps, "norm")(x)
     return x.astype(jnp.float32)
@@ -215,9 +234,12 @@ class Attention(nn.Module):
     b, n, c = x.shape
     head_dim = c // self.num_heads
     qkv = dense(3 * c, "qkv", self.dtype, use_bias=self.qkv_bias)(x)
-    qkv = qkv.reshape(b, n, 3, self.num_heads, head_dim)  # PyTorch's (3, heads, hd) order
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    q = q * head_dim ** -0.5
+    # PyTorch's channel order is (3, heads, hd): q, k, v are channel slices, each split
+    # into heads by a free reshape. (Moving the heads axis of the whole qkv tensor instead
+    # costs XLA:CPU a slow 5-D transpose in the backward pass; measured in bench/.)
+    q, k, v = (qkv[..., i * c:(i + 1) * c].reshape(b, n, self.num_heads, head_dim)
+               for i in range(3))
+    q = q * np.asarray(head_dim ** -0.5, self.dtype)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     if self.window_size is not None:
       ws = self.window_size
