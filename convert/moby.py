@@ -48,8 +48,7 @@ def _variables(state, params_field, stats_field, key) -> dict:
 def encoder_variables(state, config, branch: str = "online"):
   """(variables, module) of the online or target encoder of a train state."""
   variables = state.encoder(branch)
-  online, target = moby.build_branches(config)
-  return variables, (online if branch == "online" else target).encoder
+  return variables, moby.branch_encoder(config, branch)
 
 
 def with_encoder(state: TrainState, variables: Mapping[str, Any]) -> TrainState:

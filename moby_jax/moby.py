@@ -57,6 +57,12 @@ def build_branches(config) -> tuple[MoBYBranch, MoBYBranch]:
   return online, MoBYBranch(target_encoder, **heads)
 
 
+def branch_encoder(config, branch: str = "online") -> nn.Module:
+  """The encoder module of the online or the target branch (their drop-path rates differ)."""
+  online, target = build_branches(config)
+  return (online if branch == "online" else target).encoder
+
+
 def momentum_at(k, total_steps: int, base_momentum: float):
   """m_k = 1 - (1 - m0) * (cos(pi k / K) + 1) / 2: m0 at k = 0, 1.0 at k = K."""
   k = jnp.asarray(k, jnp.float32)

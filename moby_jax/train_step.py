@@ -238,9 +238,8 @@ def make_train_step(config, mesh: Mesh | None = None):
 def encode(state: TrainState, images, config, branch: str = "online") -> jax.Array:
   """Pooled encoder features (B, C) in eval mode for float32 NHWC normalised images."""
   variables = state.encoder(branch)
-  online, target = moby.build_branches(config)
-  module = (online if branch == "online" else target).encoder
-  return _encode(module, variables, jnp.asarray(images, jnp.float32))
+  return _encode(moby.branch_encoder(config, branch), variables,
+                 jnp.asarray(images, jnp.float32))
 
 
 @functools.partial(jax.jit, static_argnums=0)

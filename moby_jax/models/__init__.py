@@ -65,10 +65,7 @@ def build_encoder(model_config: Mapping[str, Any]) -> nn.Module:
   for key in ("depths", "num_heads"):
     if isinstance(fields.get(key), list):
       fields[key] = tuple(fields[key])
-  remat = fields.get("remat", False)
-  if not isinstance(remat, bool) and remat not in layers.REMAT_POLICIES:
-    raise ValueError(f"model.remat must be one of {sorted(layers.REMAT_POLICIES)} (or a "
-                     f"bool), got {remat!r}")
+  layers.remat_policy(fields.get("remat", False))  # fails here, before any tracing
   model = cls(**{**defaults, **fields})
   model.check_geometry()
   return model

@@ -84,13 +84,20 @@ REMAT_POLICIES = {
 }
 
 
-def remat_block(block_cls, remat):
-  """`block_cls` wrapped by nn.remat for `remat` (a REMAT_POLICIES name, or a bool: True is
-  "full"); its __call__(x, deterministic) keeps `deterministic` static."""
-  remat = {True: "full", False: "none"}.get(remat, remat)
-  if remat not in REMAT_POLICIES:
+def remat_policy(remat) -> str:
+  """The REMAT_POLICIES name `remat` (a name, or a bool: True is "full") stands for;
+  ValueError naming model.remat for anything else."""
+  name = ("full" if remat else "none") if isinstance(remat, bool) else remat
+  if name not in REMAT_POLICIES:
     raise ValueError(f"model.remat must be one of {sorted(REMAT_POLICIES)} (or a bool), "
                      f"got {remat!r}")
+  return name
+
+
+def remat_block(block_cls, remat):
+  """`block_cls` wrapped by nn.remat for `remat` (see remat_policy); its
+  __call__(x, deterministic) keeps `deterministic` static."""
+  remat = remat_policy(remat)
   if remat == "none":
     return block_cls
   policy = getattr(jax.checkpoint_policies, REMAT_POLICIES[remat])
