@@ -18,7 +18,8 @@
 # What it runs, most important first, each within what is left of BUDGET_S (default 450 s;
 # a row that does not fit is reported as skipped):
 #   1. the fp32 parity tests (Swin, DeiT, the golden MoBY steps, PyTorch parity of a step,
-#      bf16 vs fp32) on the GPU with full-precision matmuls;
+#      bf16 vs fp32) on the GPU with full-precision matmuls; deprecation warnings are listed
+#      rather than failing the tests as they do in CI (the GPU machine runs a newer JAX);
 #   2. bench/train_step.py in bf16: MoBY Swin-T and DeiT-S at global batch 64, 128 and 256
 #      (pairs/s, MFU, peak GPU memory), Swin-T with the views batched instead of scanned and
 #      with rematerialisation, and the PyTorch reference step with bf16 autocast.
@@ -56,11 +57,19 @@ jax.__version__, jax.devices(), '| torch', torch.__version__, torch.cuda.is_avai
 echo "== 1. fp32 parity on the accelerator (full-precision matmuls)"
 PARITY="skipped"
 if [ "$(left)" -gt 60 ]; then
+  # Compilation dominates these tests (208 s in one process on an H200 machine): spread
+  # them over 4 processes when pytest-xdist is there, each allocating GPU memory on demand.
+  WORKERS=""
+  python3 -c "import xdist" 2>/dev/null && WORKERS="-n 4"
+  XLA_PYTHON_CLIENT_PREALLOCATE=false \
   JAX_DEFAULT_MATMUL_PRECISION=highest NVIDIA_TF32_OVERRIDE=0 timeout $(( $(left) - 30 )) \
-    python3 -m pytest -q -p no:cacheprovider tests/test_swin.py tests/test_vit.py \
-      tests/test_train_step.py -k "parity or golden or bfloat16 or close_to" 2>&1 |
+    python3 -m pytest -q -p no:cacheprovider $WORKERS -W default::DeprecationWarning \
+      tests/test_swin.py tests/test_vit.py tests/test_train_step.py \
+      -k "parity or golden or bfloat16 or close_to" 2>&1 |
     tee "$OUT/parity.log" | tail -4
   PARITY=$(grep -Eo "[0-9]+ (passed|failed)[^=]*" "$OUT/parity.log" | tail -1)
+  # The GPU stack runs a newer JAX than CI: its deprecations are reported here, not fatal.
+  grep -E "DeprecationWarning" "$OUT/parity.log" | sort | uniq -c | head -20
 fi
 
 echo "== 2. MoBY step throughput"
