@@ -7,8 +7,9 @@
 
 Each framework runs in its own child process (so peak RSS is its own): build the model,
 `--warmup` untimed steps (compilation included there), then the median of `--repeats`
-timed steps. Prints image pairs/s, step time, peak host RSS, and for JAX the model FLOPs
-per step (XLA's cost analysis of the compiled step) and MFU when the accelerator's peak
+timed steps. Prints image pairs/s, step time, peak host RSS, the host's CPU use over the
+timed steps (cores busy, system time and page faults per step), and for JAX the model FLOPs
+per step (XLA's cost analysis of the lowered forward passes) and MFU when the accelerator's peak
 is known (or given with --peak-tflops). The views are random normalised images fed as
 device arrays, and per-pixel augmentation is off in both, so the model step alone is
 measured. PyTorch uses tests/torch_moby_reference.py with the same architecture, batch
@@ -18,15 +19,25 @@ and optimizer (bf16 autocast on CUDA when --dtype bfloat16).
 import argparse
 import importlib
 import json
+import os
 import resource
 import subprocess
 import sys
 
-from common import median_seconds  # sets the import paths
+from common import timed_steps  # sets the import paths
 
 # Dense bf16 peak per device, TFLOP/s (vendor datasheets).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0,
                "TPU v5p": 459.0, "TPU v5 lite": 197.0}
+# glibc malloc settings (--malloc). XLA:CPU takes a step's temporary buffers as one
+# allocation (1.8 GB for Swin-T at batch 8), which glibc serves with a fresh mmap and
+# unmaps at the end of the step: every step faults it in again, page by page.
+MALLOC_TUNABLES = {
+    "default": "",
+    "hugepages": "glibc.malloc.hugetlb=1",
+    "keep": "glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+            "glibc.malloc.trim_threshold=68719476736",
+}
 
 
 def load_config(args):
@@ -88,7 +99,8 @@ def bench_jax(args) -> dict:
     holder["state"], metrics = step(holder["state"], batch)
     metrics["loss"].block_until_ready()
 
-  seconds = median_seconds(run_step, args.warmup, args.repeats)
+  timing = timed_steps(run_step, args.warmup, args.repeats)
+  seconds = timing["seconds"]
   breakdown = None
   if args.breakdown:
     from breakdown import jax_breakdown
@@ -96,7 +108,7 @@ def bench_jax(args) -> dict:
     breakdown = jax_breakdown(hlo, run_step)
   kind = jax.devices()[0].device_kind
   peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
-  out = dict(framework="jax", device=f"{jax.device_count()} x {kind}", seconds=seconds,
+  out = dict(framework="jax", device=f"{jax.device_count()} x {kind}", **timing,
              pairs_per_s=args.batch / seconds, flops_per_step=flops)
   if peak and flops:
     out["mfu"] = flops / seconds / (peak * 1e12 * jax.device_count())
@@ -127,9 +139,10 @@ def bench_torch(args) -> dict:
     if device == "cuda":
       torch.cuda.synchronize()
 
-  seconds = median_seconds(run_step, args.warmup, args.repeats)
+  timing = timed_steps(run_step, args.warmup, args.repeats)
   name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-  out = dict(framework="torch", device=name, seconds=seconds, pairs_per_s=args.batch / seconds)
+  out = dict(framework="torch", device=name, **timing,
+             pairs_per_s=args.batch / timing["seconds"])
   if args.breakdown:
     from breakdown import torch_breakdown
     out["breakdown"] = torch_breakdown(run_step)
@@ -158,6 +171,12 @@ def main():
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--peak-tflops", type=float, default=None,
                       help="per-device peak for MFU when the device is not in the table")
+  parser.add_argument("--malloc", default="default", choices=sorted(MALLOC_TUNABLES),
+                      help="glibc malloc settings for both frameworks (GLIBC_TUNABLES): "
+                           "default; hugepages (transparent huge pages for large "
+                           "allocations: ~10x fewer page faults); keep (huge pages, one "
+                           "arena and no mmap: freed memory is reused, never returned to "
+                           "the kernel, so a step's buffers cost no page faults)")
   parser.add_argument("--only", choices=["jax", "torch"], default=None,
                       help="run one framework in this process (used by the parent)")
   args = parser.parse_args()
@@ -168,10 +187,14 @@ def main():
     print("RESULT " + json.dumps(result))
     return
 
+  env = dict(os.environ)
+  if MALLOC_TUNABLES[args.malloc]:
+    env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"),
+                                                   MALLOC_TUNABLES[args.malloc]]))
   results = {}
   for framework in args.frameworks.split(","):
     cmd = [sys.executable, __file__, "--only", framework] + sys.argv[1:]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode or not lines:
       print(f"{framework} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
@@ -180,7 +203,8 @@ def main():
 
   print(f"MoBY step, {args.config} ({args.arg or 'default'}), global batch {args.batch}, "
         f"{args.dtype}, views {args.views}, remat {args.remat}, median of {args.repeats} "
-        f"after {args.warmup} warm-up steps")
+        f"after {args.warmup} warm-up steps"
+        f"{'' if args.malloc == 'default' else ', malloc ' + args.malloc}")
   for name, r in results.items():
     extra = ""
     if r.get("flops_per_step"):
@@ -191,6 +215,9 @@ def main():
       extra += f"  peak device memory {r['peak_device_gib']:.1f} GiB"
     print(f"  {name:6s} {r['device']:>24s}: {r['pairs_per_s']:9.2f} pairs/s  "
           f"{r['seconds'] * 1e3:9.1f} ms/step  peak RSS {r['peak_rss_gib']:.2f} GiB{extra}")
+    print(f"  {'':6s} {'':>24s}  host: {r['cores_busy']:.2f} cores busy, "
+          f"{r['system_s_per_step'] * 1e3:.0f} ms system time and "
+          f"{r['page_faults_per_step']:,.0f} page faults per step")
   if len(results) == 2:
     ratio = results["jax"]["pairs_per_s"] / results["torch"]["pairs_per_s"]
     print(f"  ratio jax / torch: {ratio:.2f}x")
@@ -202,7 +229,8 @@ def main():
     with open(args.json, "a") as f:
       for r in results.values():
         f.write(json.dumps(dict(r, config=args.config, batch=args.batch, dtype=args.dtype,
-                                views=args.views, remat=args.remat)) + "\n")
+                                views=args.views, remat=args.remat,
+                                malloc=args.malloc)) + "\n")
 
 
 if __name__ == "__main__":
