@@ -9,11 +9,16 @@ sums the time per kind:
   reduction    reductions (norm statistics, softmax sums, gradient sums over the batch)
   elementwise  everything else (activations, norms' arithmetic, optimizer updates)
 and per part of the model, from the operation's name (`encoder`, `projector`, ...).
+For JAX also the wall time per kind (the union of its operations' intervals): XLA runs
+independent operations side by side on the same cores, so summed times overstate what a
+kind costs the step. On the CPU, unfused dots run asynchronously on Eigen's thread pool
+and are timed up to their consumer (operation_intervals).
 `torch_breakdown(fn, steps)`: the same kinds from torch.profiler's per-operator self
-times. Times are per step, in ms; operations that run concurrently are each counted, so a
-column can add up to more than the wall time.
+times (PyTorch runs one operator at a time on the CPU, each over all cores, so these add
+up to its wall time less the Python between them). Times are per step, in ms.
 """
 
+import bisect
 import collections
 import glob
 import gzip
@@ -63,8 +68,61 @@ def _part(op_name: str) -> str:
   return "rest (loss, queue, optimizer, momentum update)"
 
 
+def _wall_ms(intervals) -> float:
+  """Length of the union of [start, end) intervals (microseconds) in ms: the wall time
+  during which at least one of them ran."""
+  total, current_start, current_end = 0.0, None, None
+  for start, end in sorted(intervals):
+    if current_end is None or start > current_end:
+      if current_end is not None:
+        total += current_end - current_start
+      current_start, current_end = start, end
+    else:
+      current_end = max(current_end, end)
+  if current_end is not None:
+    total += current_end - current_start
+  return total / 1e3
+
+
+def operation_intervals(events, instructions, computations, async_dots: bool):
+  """[(start, end, kind, part)] (microseconds) of the traced XLA operations, in time order.
+
+  With `async_dots` (XLA:CPU), a plain dot (one XLA did not fuse, e.g. a weight gradient
+  X^T dY, which YNNPACK cannot take with a transposed operand) is handed to Eigen's thread
+  pool and its trace event ends as soon as it is enqueued; the work runs until its
+  consumer can start. Such a dot's interval is extended to the start of the next traced
+  operation (an underestimate when an independent operation starts meanwhile).
+  """
+  ops = []
+  for event in events:
+    entry = instructions.get(event.get("name"))
+    if event.get("ph") != "X" or entry is None:
+      continue
+    called, opcode, op_name = entry
+    if opcode in ("while", "conditional", "call"):
+      continue  # their bodies' operations are traced themselves
+    kind = _kind(computations.get(called, {opcode}))
+    ops.append([event["ts"], event["ts"] + event["dur"], kind, _part(op_name), opcode])
+  ops.sort(key=lambda op: op[0])
+  if async_dots:
+    starts = [op[0] for op in ops]
+    for op in ops:
+      if op[4] == "dot":
+        following = bisect.bisect_right(starts, op[1])
+        if following < len(ops):
+          op[1] = starts[following]
+  return [tuple(op[:4]) for op in ops]
+
+
 def jax_breakdown(hlo: str, call, steps: int = 2) -> dict:
-  """{"kinds": {kind: ms}, "parts": {part: ms}} per `call()`."""
+  """Per `call()`, in ms: {"kinds": {kind: summed}, "wall": {kind: wall}, "busy": wall with
+  any operation running, "span": first start to last end, "parts": {part: summed}}.
+
+  Summed times count concurrent operations each (XLA runs independent operations side by
+  side, sharing the cores); wall times count the time during which at least one
+  operation of that kind ran, so the kinds' wall times can overlap and add up to more
+  than "busy". Unfused dots on the CPU are timed to their consumer (operation_intervals).
+  """
   import jax
   computations, instructions = _hlo_tables(hlo)
   call()
@@ -75,18 +133,18 @@ def jax_breakdown(hlo: str, call, steps: int = 2) -> dict:
     jax.profiler.stop_trace()
     trace = sorted(glob.glob(f"{folder}/**/*.trace.json.gz", recursive=True))[-1]
     events = json.load(gzip.open(trace))["traceEvents"]
+  intervals = operation_intervals(events, instructions, computations,
+                                  async_dots=jax.default_backend() == "cpu")
   kinds, parts = collections.Counter(), collections.Counter()
-  for event in events:
-    entry = instructions.get(event.get("name"))
-    if event.get("ph") != "X" or entry is None:
-      continue
-    called, opcode, op_name = entry
-    if opcode in ("while", "conditional", "call"):
-      continue  # their bodies' operations are traced themselves
-    ms = event["dur"] / 1e3 / steps
-    kinds[_kind(computations.get(called, {opcode}))] += ms
-    parts[_part(op_name)] += ms
-  return {"kinds": dict(kinds), "parts": dict(parts)}
+  for start, end, kind, part in intervals:
+    kinds[kind] += (end - start) / 1e3 / steps
+    parts[part] += (end - start) / 1e3 / steps
+  wall = {kind: _wall_ms([(s, e) for s, e, k, _ in intervals if k == kind]) / steps
+          for kind in kinds}
+  span = (max(e for _, e, _, _ in intervals) - intervals[0][0]) / 1e3 / steps
+  return {"kinds": dict(kinds), "wall": wall,
+          "busy": _wall_ms([(s, e) for s, e, _, _ in intervals]) / steps,
+          "span": span, "parts": dict(parts)}
 
 
 # PyTorch operators by kind (self time; the autograd wrappers carry no time of their own).
@@ -135,19 +193,26 @@ def torch_breakdown(fn, steps: int = 2) -> dict:
 
 
 def table(results: dict) -> str:
-  """A markdown table: kinds as rows, one column per framework result."""
-  names = list(results)
-  lines = ["| kind | " + " | ".join(f"{n} ms/step" for n in names) + " |",
-           "| --- |" + " --- |" * len(names)]
-  for kind in KINDS:
-    lines.append(f"| {kind} | " + " | ".join(
-        f"{results[n]['kinds'].get(kind, 0.0):.0f}" for n in names) + " |")
-  lines.append("| sum | " + " | ".join(
-      f"{sum(results[n]['kinds'].values()):.0f}" for n in names) + " |")
+  """A markdown table: kinds as rows; per framework result its summed time and, where
+  measured (JAX), its wall time per kind, the time any operation ran and the step's span."""
+  columns = []  # (header, {row: ms})
+  for name, r in results.items():
+    summed = dict(r["kinds"], sum=sum(r["kinds"].values()))
+    columns.append((f"{name} ms/step" + (" summed" if "wall" in r else ""), summed))
+    if "wall" in r:
+      columns.append((f"{name} ms/step wall", dict(r["wall"], busy=r["busy"], span=r["span"])))
+  rows = list(KINDS) + ["sum", "busy", "span"]
+  labels = {"sum": "sum", "busy": "any operation running", "span": "first to last operation"}
+  lines = ["| kind | " + " | ".join(header for header, _ in columns) + " |",
+           "| --- |" + " --- |" * len(columns)]
+  for row in rows:
+    cells = [f"{values[row]:.0f}" if row in values else "" for _, values in columns]
+    if any(cells):
+      lines.append(f"| {labels.get(row, row)} | " + " | ".join(cells) + " |")
   parts = results.get("jax", {}).get("parts")
   if parts:
     lines.append("")
-    lines.append("| JAX part | ms/step |")
+    lines.append("| JAX part | ms/step summed |")
     lines.append("| --- | --- |")
     for part, ms in sorted(parts.items(), key=lambda kv: -kv[1]):
       lines.append(f"| {part} | {ms:.0f} |")

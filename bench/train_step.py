@@ -223,8 +223,18 @@ def main():
     print(f"  ratio jax / torch: {ratio:.2f}x")
   if args.breakdown:
     from breakdown import table
-    print("\nTime by kind of operation (profiled steps; concurrent operations each count):")
+    print("\nTime by kind of operation over two profiled steps (bench/breakdown.py):")
     print(table({name: r["breakdown"] for name, r in results.items()}))
+    flops = results.get("jax", {}).get("flops_per_step")
+    if flops:
+      rates = []
+      for name, r in results.items():
+        b = r["breakdown"]
+        matmul_ms = b.get("wall", b["kinds"]).get("matmul")
+        if matmul_ms:
+          rates.append(f"{name} {flops / matmul_ms / 1e6:.0f}")
+      print("\nMatmul rate in the step (model FLOPs per step over matmul time, wall time "
+            "for JAX), GFLOP/s: " + ", ".join(rates))
   if args.json:
     with open(args.json, "a") as f:
       for r in results.values():
