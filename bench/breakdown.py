@@ -135,6 +135,9 @@ def jax_breakdown(hlo: str, call, steps: int = 2) -> dict:
     events = json.load(gzip.open(trace))["traceEvents"]
   intervals = operation_intervals(events, instructions, computations,
                                   async_dots=jax.default_backend() == "cpu")
+  if not intervals:
+    raise RuntimeError("the profile holds no operation of the compiled step (was the trace "
+                       "written? does `hlo` belong to the function `call` runs?)")
   kinds, parts = collections.Counter(), collections.Counter()
   for start, end, kind, part in intervals:
     kinds[kind] += (end - start) / 1e3 / steps

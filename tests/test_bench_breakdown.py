@@ -12,6 +12,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
 import breakdown  # noqa: E402
@@ -69,3 +70,10 @@ def test_profile_of_a_jitted_function():
   assert max(result["wall"].values()) <= result["busy"] <= result["span"] + 1e-9
   text = breakdown.table({"jax": result})
   assert "| matmul |" in text and "any operation running" in text
+
+
+def test_profile_without_the_step_operations_is_an_error():
+  f = jax.jit(lambda x: x + 1.0)
+  x = jnp.ones(4)
+  with pytest.raises(RuntimeError, match="no operation of the compiled step"):
+    breakdown.jax_breakdown("", lambda: f(x).block_until_ready(), steps=1)
