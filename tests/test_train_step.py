@@ -339,6 +339,29 @@ def test_traces_once_and_donates(moby_fixture, monkeypatch):
   assert int(state.step) == 5 and np.all(np.isfinite(losses)) and int(state.skipped_steps) == 0
 
 
+def test_cpu_scheduler_option_keeps_the_numbers(moby_fixture, monkeypatch):
+  """The step compiled with XLA:CPU's memory-optimised scheduler
+  (train_step.CPU_COMPILER_OPTIONS) takes a smaller temporary buffer and computes the same
+  state bit for bit as the default scheduler, over two steps."""
+  config = fixture_config()
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  views = np.random.default_rng(3).normal(size=(2, 2, 4, 32, 32, 3)).astype(np.float32)
+  runs = {}
+  for name, options in (("memory", train_step_lib.CPU_COMPILER_OPTIONS), ("default", {})):
+    monkeypatch.setattr(train_step_lib, "CPU_COMPILER_OPTIONS", options)
+    step = moby_jax.make_train_step(config, mesh)
+    state = fixture_state(moby_fixture, "init/", config, mesh=mesh)
+    batch = parallel.to_global({"view1": views[0, 0], "view2": views[0, 1]}, mesh)
+    temp = step.jitted.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+    for v in views:
+      state, metrics = step(state, {"view1": v[0], "view2": v[1]})
+    runs[name] = (temp, jax.device_get(state), float(metrics["loss"]))
+  assert runs["memory"][0] < runs["default"][0], (runs["memory"][0], runs["default"][0])
+  assert runs["memory"][2] == runs["default"][2]
+  for a, b in zip(jax.tree.leaves(runs["memory"][1]), jax.tree.leaves(runs["default"][1])):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_non_finite_step_leaves_state_unchanged(moby_fixture, fixture_step):
   config, mesh, step = fixture_step
   state = fixture_state(moby_fixture, "init/", config, mesh=mesh)
