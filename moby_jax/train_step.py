@@ -212,7 +212,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, config,
 
 # XLA:CPU compiles the step with its memory-optimised scheduler: a 15% smaller temporary
 # buffer (1.43 vs 1.69 GiB for Swin-T at batch 8), so fewer fresh pages to fault in per
-# step, and the same numbers bit for bit (bench/train_step.py; README "Benchmarks").
+# step (measurements in README "Benchmarks"), and the same numbers bit for bit
+# (tests/test_train_step.py::test_cpu_scheduler_option_keeps_the_numbers).
 CPU_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 
 
