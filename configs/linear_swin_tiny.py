@@ -3,7 +3,8 @@
 SGD with Nesterov momentum 0.9, base LR 1.0 x global batch / 512, no weight decay, 100
 epochs (5 warm-up) with the cosine schedule, clip 5, label smoothing 0.1; the backbone
 stays in training mode (drop path 0.2), as in the released code. Train transform:
-RandomResizedCrop + flip; eval: shorter side to 256 (img_size + 32), centre crop 224.
+RandomResizedCrop + flip; eval: shorter side to 256 (img_size / data.eval_crop_pct, the
+released img_size + 32 at 224), centre crop 224.
 Validation every epoch; results.json reports the last top-1/top-5 and the best top-1.
 
   --config.linear.source=WORKDIR     a pre-training workdir (its latest checkpoint)

@@ -31,6 +31,10 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
       batch_size=512,          # the global batch, over all devices and hosts
       num_train_examples=0,    # set from the training split when it differs
       crop_scale=(0.08, 1.0),  # RandomResizedCrop area range
+      # Evaluation (kNN, linear probe): shorter side to floor(img_size / eval_crop_pct),
+      # then a centre crop of img_size. 0.875 gives 256 at 224, the released
+      # `Resize(img_size + 32)`, and keeps that share of the image at any other size.
+      eval_crop_pct=0.875,
       # Decoding: "processes" (grain worker processes, each building whole batches: what
       # a host feeding 8 GPUs needs) or "threads" (per-example decode threads in the
       # training process: enough for a few cores). num_workers 0: one per CPU core.

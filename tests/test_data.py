@@ -18,7 +18,7 @@ def loader_config(**data):
       model=dict(img_size=32),
       data=dict(dict(dataset="folder", path="", data_dir="", batch_size=8,
                      crop_scale=(0.08, 1.0), worker_mode="threads", num_workers=2,
-                     prefetch_batches=2), **data),
+                     prefetch_batches=2, eval_crop_pct=0.875), **data),
       train=dict(seed=0, steps_per_epoch=4), augment=dict(on_device=True)))
 
 
@@ -185,6 +185,18 @@ def test_bad_worker_settings_fail_clearly():
     loader.pretrain_loader(loader_config(worker_mode="fibers"), array_source())
   with pytest.raises(ValueError, match="data.num_workers"):
     loader.pretrain_loader(loader_config(num_workers=-1), array_source())
+  for crop_pct in (0.0, 1.5):
+    with pytest.raises(ValueError, match=r"data.eval_crop_pct must be in \(0, 1\]"):
+      loader.eval_loader(loader_config(eval_crop_pct=crop_pct), array_source())
+
+
+def test_eval_loader_crops_by_data_eval_crop_pct():
+  source = array_source(n=8, size=48)
+  for crop_pct, resize in ((0.875, 36), (1.0, 32), (0.5, 64)):
+    with loader.eval_loader(loader_config(eval_crop_pct=crop_pct), source) as batches:
+      images = next(batches)["image"]
+    for i, image in enumerate(images):
+      np.testing.assert_array_equal(image, transforms.center_crop(source[i]["image"], 32, resize))
 
 
 def test_resume_position_gives_the_same_batches():

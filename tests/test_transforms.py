@@ -107,31 +107,36 @@ def test_recoverable_jpeg_errors_decode_and_truncated_files_do_not():
     transforms.random_crops(b"\xff\xd8\xff\xe0 not a jpeg", np.random.default_rng(0), 32, 2)
 
 
-def torchvision_eval_geometry(width, height, size):
-  """torchvision's Resize(size + 32) then CenterCrop(size), written from its definition:
+def torchvision_eval_geometry(width, height, size, resize):
+  """torchvision's Resize(resize) then CenterCrop(size), written from its definition:
   (resized width, height, crop left, top). Resize(int) scales the shorter side to the int
   and truncates the longer one; CenterCrop rounds its offsets with Python's round()."""
   short, long = sorted((width, height))
-  new_short, new_long = size + 32, int((size + 32) * long / short)
+  new_short, new_long = resize, int(resize * long / short)
   new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
   return new_w, new_h, int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
 
 
 @pytest.mark.parametrize("size", [32, 224, 384])
-def test_eval_transform_is_the_released_one(size):
-  assert transforms.eval_resize(size) == size + 32
+def test_eval_transform_keeps_the_224_share_at_every_size(size):
+  # The released linear evaluation's Resize(size + 32) at 224, bit for bit; the
+  # classification code's int(256 / 224 * size) (timm's crop_pct 0.875) at every size.
+  resize = transforms.eval_resize(size)
+  assert resize == int(256 / 224 * size) == {32: 36, 224: 256, 384: 438}[size]
+  if size == 224:
+    assert resize == size + 32
   rng = np.random.default_rng(size)
   for width, height in [(500, 375), (375, 500), (333, 500), (1023, 768), (257, 259),
                         (size, size), (size + 1, 3 * size)]:
     pixels = smooth(rng, width, height)
-    new_w, new_h, left, top = torchvision_eval_geometry(width, height, size)
-    assert transforms.resized_size(width, height, size + 32) == (new_w, new_h)
+    new_w, new_h, left, top = torchvision_eval_geometry(width, height, size, resize)
+    assert transforms.resized_size(width, height, resize) == (new_w, new_h)
     resized = transforms._resize(pixels, (new_w, new_h))
-    np.testing.assert_array_equal(
-        transforms.center_crop(pixels, size, transforms.eval_resize(size)),
-        resized[top:top + size, left:left + size])
-  # The released sizes differ from the Swin repo's int(256/224 x size) except at 224.
-  assert torchvision_eval_geometry(500, 375, 384)[:2] == (554, 416)
+    np.testing.assert_array_equal(transforms.center_crop(pixels, size, resize),
+                                  resized[top:top + size, left:left + size])
+  # Another crop share: the whole shorter side (1.0), or its centre half (0.5).
+  assert transforms.eval_resize(size, 1.0) == size
+  assert transforms.eval_resize(size, 0.5) == 2 * size
 
 
 def test_no_valid_awkward_image_is_reported_unreadable(tmp_path):

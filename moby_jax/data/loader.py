@@ -53,6 +53,9 @@ def check_config(data_config) -> None:
   num_workers(data_config)
   if data_config.prefetch_batches < 1:
     raise ValueError(f"data.prefetch_batches must be >= 1, got {data_config.prefetch_batches}")
+  if not 0 < data_config.eval_crop_pct <= 1:
+    raise ValueError(f"data.eval_crop_pct must be in (0, 1] (the centre crop's share of the "
+                     f"resized image's shorter side), got {data_config.eval_crop_pct}")
 
 
 def _local_batch(batch_size: int) -> int:
@@ -182,12 +185,15 @@ def linear_train_loader(config, source=None) -> Loader:
 
 def eval_loader(config, source, batch_size: int | None = None) -> Loader:
   """One pass over `source` (e.g. build_source(config.data, "val")) in order, with the
-  eval transform (shorter side to img_size + 32, centre crop): {"image": uint8,
-  "label": int32, "valid": bool, "bad": int32}. The last global batch is padded so every
-  batch is full; padding rows and examples that cannot be decoded have valid False
-  (`bad` names the latter by source index) and must be left out of any metric."""
+  eval transform (shorter side to floor(img_size / data.eval_crop_pct), centre crop):
+  {"image": uint8, "label": int32, "valid": bool, "bad": int32}. The last global batch is
+  padded so every batch is full; padding rows and examples that cannot be decoded have
+  valid False (`bad` names the latter by source index) and must be left out of any
+  metric."""
+  check_config(config.data)  # data.eval_crop_pct, before it is used
   batch = batch_size or config.data.batch_size
   size = config.model.img_size
-  row_fn = examples.EvalRow(source, size, transforms.eval_resize(size))
+  resize = transforms.eval_resize(size, config.data.eval_crop_pct)
+  row_fn = examples.EvalRow(source, size, resize)
   steps = -(-len(source) // batch)
   return Loader(_stream(row_fn, batch, config.data, length=steps), source)

@@ -196,8 +196,13 @@ def center_crop(data, size: int, resize_size: int) -> np.ndarray:
   return np.ascontiguousarray(resized[top:top + size, left:left + size])
 
 
-def eval_resize(size: int) -> int:
-  """The shorter side before the centre crop in evaluation: img_size + 32, as the released
-  linear evaluation (`Resize(img_size + 32)`, then `CenterCrop(img_size)`): 256 for 224,
-  416 for 384, 64 for 32."""
-  return size + 32
+def eval_resize(size: int, crop_pct: float = 0.875) -> int:
+  """The shorter side before the centre crop of `size` in evaluation: floor(size / crop_pct),
+  as timm's eval transform and the released classification code (`int(256 / 224 * size)`).
+
+  At 224 with the default 0.875 it is 256, the released linear evaluation's
+  `Resize(img_size + 32)`, bit for bit. At other sizes it keeps the crop's share of the
+  image: `img_size + 32` would keep only the centre 50% of each side at 32 px (this gives
+  36, 87.5%), and 438 instead of 416 at 384. `crop_pct` is in (0, 1] (data.eval_crop_pct).
+  """
+  return math.floor(size / crop_pct)
