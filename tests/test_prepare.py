@@ -1,9 +1,10 @@
 """ImageNet from its tars to training, as a new user does it, following the README.
 
 A miniature ILSVRC2012 in the real tar layout (tests/mini_imagenet.py) is prepared with
-the README's own preparation commands, run in a fresh virtual environment that sees this
-one's packages (so TensorFlow is installed there only, as the README says it is needed
-for preparation only). Then, in this environment (no TensorFlow), MoBY pre-trains on it
+the README's own preparation commands, run in a fresh virtual environment that sees the
+packages of the interpreter running the tests, whether that is the system Python, a venv
+or a conda environment (so TensorFlow is installed there only, as the README says it is
+needed for preparation only). Then, in this environment (no TensorFlow), MoBY pre-trains on it
 with `data.dataset=imagenet2012` (worker processes reading the ArrayRecord files) and a
 linear evaluation runs from that workdir. No example may be reported unreadable, and
 every prepared label must be the one ImageNet gives the file.
@@ -13,6 +14,7 @@ import json
 import os
 import pathlib
 import re
+import site
 import subprocess
 import sys
 
@@ -32,13 +34,31 @@ def readme_prepare_commands() -> list[str]:
   return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
 
 
+def layered_venv(path: pathlib.Path) -> pathlib.Path:
+  """A new virtual environment whose own packages come first, then this interpreter's.
+
+  `venv --system-site-packages` would layer it on the base installation, which inside a
+  venv or conda environment is not where this interpreter's packages are; a .pth file in
+  the new environment's site-packages lists this interpreter's site directories instead.
+  """
+  subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+  purelib = subprocess.run(
+      [str(path / "bin" / "python"), "-c",
+       "import sysconfig; print(sysconfig.get_path('purelib'))"],
+      check=True, capture_output=True, text=True).stdout.strip()
+  outer = site.getsitepackages()
+  if site.ENABLE_USER_SITE:
+    outer.append(site.getusersitepackages())
+  (pathlib.Path(purelib) / "outer_environment.pth").write_text(
+      "".join(f"{directory}\n" for directory in outer if os.path.isdir(directory)))
+  return path
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
   root = tmp_path_factory.mktemp("imagenet")
   info = mini_imagenet.write(root / "manual")
-  venv = root / "venv"
-  subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
-                 check=True)
+  venv = layered_venv(root / "venv")
   env = dict(os.environ, PATH=f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}")
   for command in readme_prepare_commands():
     command = command.replace("MANUAL_DIR", str(root / "manual")).replace(
