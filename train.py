@@ -32,18 +32,18 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax/absl info lines drown the progress
   # After flag parsing, so that --help is fast and jax sees the environment.
-  from moby_jax import parallel, trainer
+  from moby_jax import linear, loop, parallel, pretrain
   config = flags.FLAGS.config
   if config.get("train") and config.train.get("deterministic", False):
     parallel.use_deterministic_ops()  # before anything starts the backend
   parallel.initialize_distributed()
-  tasks = {"moby": trainer.pretrain, "linear": trainer.linear_eval}
+  tasks = {"moby": pretrain.pretrain, "linear": linear.linear_eval}
   task = config.get("task", None)
   if task not in tasks:
     raise app.UsageError(f"config.task must be one of {sorted(tasks)}, got {task!r}")
   try:
     tasks[task](config, flags.FLAGS.workdir)
-  except trainer.TrainingDiverged as err:
+  except loop.TrainingDiverged as err:
     sys.exit(f"error: {err}")
 
 

@@ -1,4 +1,4 @@
-"""Peak host memory of a kNN pass (trainer.KnnMonitor) as the training split grows.
+"""Peak host memory of a kNN pass (pretrain.KnnMonitor) as the training split grows.
 
   python bench/knn_memory.py                  # 10k and 40k images at 64 px
   python bench/knn_memory.py --sizes 20000,80000 --img_size 64
@@ -39,7 +39,7 @@ class RandomImages:
 def child(n: int, img_size: int) -> None:
   import jax
   from configs import moby_swin_tiny
-  from moby_jax import parallel, trainer
+  from moby_jax import parallel, pretrain
   from moby_jax.models import build_encoder, init_encoder
   config = moby_swin_tiny.get_config("runlocal")
   config.model.img_size = img_size
@@ -47,7 +47,7 @@ def child(n: int, img_size: int) -> None:
   mesh = parallel.make_mesh(jax.devices()[:1])
   variables = init_encoder(build_encoder(config.model), jax.random.key(0))
   baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  monitor = trainer.KnnMonitor(config, mesh, RandomImages(n, img_size), RandomImages(1000, img_size))
+  monitor = pretrain.KnnMonitor(config, mesh, RandomImages(n, img_size), RandomImages(1000, img_size))
   result = monitor(variables)
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   print(json.dumps({"images": n, "peak_rss_mb": peak / 1024,

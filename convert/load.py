@@ -26,7 +26,7 @@ from convert.names import (FORMATS, HEAD_FORMATS, FormatError, check_supported, 
 from moby_jax import parallel
 from moby_jax.models import build_encoder
 from moby_jax.state import TrainState
-from moby_jax.train_step import abstract_state, create_train_state
+from moby_jax.run import Pretraining
 
 def state_dict_of(content: Any, what: str = "checkpoint") -> tuple[str | None, dict]:
   """(entry name, {name: numpy array}) of a loaded file: its "state_dict" or "model" entry,
@@ -131,7 +131,7 @@ def from_pytorch(checkpoint, config, fmt: str = "auto", step: int = 0,
   target encoder of a fresh state, whose heads and queues come from config.train.seed.
   The optimizer state is fresh either way, `step` is the number of steps already done
   (drives the LR and momentum schedules) and the state is placed on `mesh` (default: all
-  devices) with the shardings `make_train_step` uses. Raises StateDictMismatch listing
+  devices) with the shardings of `moby_jax.run.Pretraining`. Raises StateDictMismatch listing
   every key that does not fit the config.
   """
   sd, what = _read(checkpoint)
@@ -140,7 +140,7 @@ def from_pytorch(checkpoint, config, fmt: str = "auto", step: int = 0,
     return moby_convert.to_state(sd, config, step, mesh)
   variables = _encoder(sd, fmt, build_encoder(config.model), "online", what)
   mesh = parallel.make_mesh() if mesh is None else mesh
-  state = create_train_state(config, jax.random.key(config.train.seed), mesh)
+  run = Pretraining(config, mesh)
+  state = run.init_state(jax.random.key(config.train.seed))
   state = moby_convert.with_encoder(state, variables).replace(step=np.asarray(step, np.int32))
-  shardings = parallel.state_shardings(abstract_state(config), mesh, config.parallel.fsdp)
-  return jax.device_put(state, shardings)
+  return jax.device_put(state, run.state_shardings)

@@ -15,9 +15,10 @@ import numpy as np
 
 from convert.backbone import (StateDictMismatch, expected_torch_shapes, flax_to_torch, to_numpy,
                               torch_to_flax)
-from moby_jax import moby, optim, parallel
+from moby_jax import moby
 from moby_jax.state import TrainState
-from moby_jax.train_step import abstract_state, check_config
+from moby_jax.run import Pretraining
+from moby_jax.train_step import abstract_state
 
 # Per encoder branch: (prefix in the official state_dict, params field, batch-stats field).
 BRANCHES = {"online": ("encoder.", "params", "batch_stats"),
@@ -93,11 +94,10 @@ def to_state(sd: Mapping[str, Any], config, step: int = 0, mesh=None) -> TrainSt
   listed in one `StateDictMismatch`). The optimizer state is fresh (the PyTorch one is not
   carried over), `step` is the number of steps already done (drives the LR and momentum
   schedules) and the step randomness comes from config.train.seed. The state is placed on
-  `mesh` (default: all devices) with the shardings `make_train_step` uses.
+  `mesh` (default: all devices) with the shardings of `moby_jax.run.Pretraining`.
   """
-  mesh = parallel.make_mesh() if mesh is None else mesh
-  check_config(config, mesh.size)
-  abstract = abstract_state(config)
+  run = Pretraining(config, mesh)
+  abstract = run.abstract_state
   problems, fields = [], {"params": {}, "target_params": {}, "batch_stats": {},
                           "target_batch_stats": {}}
   prefixes = [p[0] for p in _parts(config)] + ["queue1", "queue2", "queue_ptr"]
@@ -136,10 +136,9 @@ def to_state(sd: Mapping[str, Any], config, step: int = 0, mesh=None) -> TrainSt
   state = TrainState(
       step=np.asarray(step, np.int32), params=params, target_params=fields["target_params"],
       batch_stats=fields["batch_stats"], target_batch_stats=fields["target_batch_stats"],
-      opt_state=optim.make_optimizer(config).init(params),
+      opt_state=run.tx.init(params),
       queue1=queues["queue1"], queue2=queues["queue2"],
       queue_ptr=np.asarray(to_numpy(sd["queue_ptr"]).reshape(()), np.int32),
       rng=np.asarray(jax.random.key_data(jax.random.key(config.train.seed))),
       skipped_steps=np.zeros((), np.int32))
-  shardings = parallel.state_shardings(abstract, mesh, config.parallel.fsdp)
-  return jax.device_put(jax.tree.map(jnp.asarray, state), shardings)
+  return jax.device_put(jax.tree.map(jnp.asarray, state), run.state_shardings)

@@ -110,9 +110,11 @@ def _split(path) -> tuple[epath.Path, int | None]:
 
 def abstract_target(config, mesh):
   """Shapes, dtypes and shardings on `mesh` of the state a run of `config` saves: the
-  restore target."""
+  restore target. Unlike a run's own (`moby_jax.run.Pretraining.abstract_state`), it does
+  not check that the config could train on `mesh`: any mesh can read a checkpoint."""
   from moby_jax import evaluate, parallel
   from moby_jax.models import abstract_variables, build_encoder
+  from moby_jax.run import sharded_shapes
   from moby_jax.train_step import abstract_state
   if config.get("task", "moby") == "linear":
     encoder = abstract_variables(build_encoder(config.model))
@@ -122,8 +124,7 @@ def abstract_target(config, mesh):
   else:
     abstract = abstract_state(config)
     shardings = parallel.state_shardings(abstract, mesh, config.parallel.fsdp)
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
+  return sharded_shapes(abstract, shardings)
 
 
 def load_state(path, step: int | None = None, mesh=None):

@@ -1,19 +1,16 @@
-"""`create_train_state` and the pure MoBY `train_step`, compiled once over a device mesh.
+"""The pure pieces of MoBY pre-training: the train step, the initial state, their checks.
 
 `train_step(state, batch)` is written for the global batch (principle 3 of DESIGN.md);
-`make_train_step` jits it with the state's shardings, a data-sharded batch and the old
-state donated.
+`moby_jax.run.Pretraining` jits it with the state's shardings, a data-sharded batch and
+the old state donated (`moby_jax.make_train_step`, `moby_jax.create_train_state`).
 """
 
 import functools
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh
 
-from moby_jax import augment, moby, optim, parallel
+from moby_jax import augment, moby, optim
 from moby_jax.models import layers
 from moby_jax.state import TrainState
 
@@ -56,8 +53,10 @@ def check_batch(batch, config, image_hw: tuple[int, int]) -> None:
                           else "float32 normalised views"))
 
 
-def _init_state(config, rng) -> TrainState:
-  online, _ = moby.build_branches(config)
+def init_state(config, online, tx: optax.GradientTransformation, rng) -> TrainState:
+  """The initial train state of `config` (`online`: its online branch, `tx`: its optimizer)
+  from `rng`: the target is a copy of the online encoder/projector, queues are random unit
+  rows, the step is 0 and the step randomness comes from `config.train.seed`."""
   init_rng, q1_rng, q2_rng = jax.random.split(rng, 3)
   images = jnp.zeros((1, *online.encoder.image_hw, 3), jnp.float32)
   variables = online.init(init_rng, images, train=False)
@@ -70,7 +69,7 @@ def _init_state(config, rng) -> TrainState:
       target_params=pick(params),          # the target starts as a copy of the online net
       batch_stats=batch_stats,
       target_batch_stats=pick(batch_stats),
-      opt_state=optim.make_optimizer(config).init(params),
+      opt_state=tx.init(params),
       queue1=moby.init_queue(q1_rng, config.moby.queue_size, config.moby.proj_dim),
       queue2=moby.init_queue(q2_rng, config.moby.queue_size, config.moby.proj_dim),
       queue_ptr=jnp.zeros((), jnp.int32),
@@ -80,19 +79,9 @@ def _init_state(config, rng) -> TrainState:
 
 def abstract_state(config) -> TrainState:
   """Shapes and dtypes of the train state, computed without running anything."""
-  return jax.eval_shape(functools.partial(_init_state, config), jax.random.key(0))
-
-
-def create_train_state(config, rng: jax.Array, mesh: Mesh | None = None) -> TrainState:
-  """A fresh train state, created directly with its shardings on `mesh` (default: all devices).
-
-  The target starts as a copy of the online encoder/projector, queues are random unit
-  rows, the step is 0 and the step randomness comes from `config.train.seed`.
-  """
-  mesh = parallel.make_mesh() if mesh is None else mesh
-  check_config(config, mesh.size)
-  shardings = parallel.state_shardings(abstract_state(config), mesh, config.parallel.fsdp)
-  return jax.jit(functools.partial(_init_state, config), out_shardings=shardings)(rng)
+  online, _ = moby.build_branches(config)
+  init = functools.partial(init_state, config, online, optim.make_optimizer(config))
+  return jax.eval_shape(init, jax.random.key(0))
 
 
 def _apply(branch, params, batch_stats, images, rng):
@@ -208,40 +197,6 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, config,
   metrics = dict(loss=loss, lr=lr, momentum=m, grad_norm=grad_norm,
                  skipped=(~finite).astype(jnp.int32))
   return new_state, metrics
-
-
-# XLA:CPU compiles the step with its memory-optimised scheduler: a 15% smaller temporary
-# buffer (1.43 vs 1.69 GiB for Swin-T at batch 8), so fewer fresh pages to fault in per
-# step (measurements in README "Benchmarks"), and the same numbers bit for bit
-# (tests/test_train_step.py::test_cpu_scheduler_option_keeps_the_numbers).
-CPU_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
-
-
-def make_train_step(config, mesh: Mesh | None = None):
-  """A jitted `step(state, batch) -> (state, metrics)` for `config` on `mesh`.
-
-  `batch` is {"view1", "view2"}: float32 NHWC normalised views when
-  `config.augment.on_device` is false, uint8 crops otherwise. Host numpy arrays are
-  placed on the mesh (each process passes its slice of the global batch); global jax
-  arrays are used as they are. The old state is donated: do not reuse it.
-  """
-  mesh = parallel.make_mesh() if mesh is None else mesh
-  check_config(config, mesh.size)
-  online, target = moby.build_branches(config)
-  state_sh = parallel.state_shardings(abstract_state(config), mesh, config.parallel.fsdp)
-  step_fn = functools.partial(train_step, config=config, online=online, target=target,
-                              tx=optim.make_optimizer(config))
-  on_cpu = mesh.devices.flat[0].platform == "cpu"
-  jitted = jax.jit(step_fn, in_shardings=(state_sh, parallel.batch_sharding(mesh)),
-                   out_shardings=(state_sh, parallel.replicated(mesh)), donate_argnums=0,
-                   compiler_options=CPU_COMPILER_OPTIONS if on_cpu else None)
-
-  def step(state: TrainState, batch: dict[str, Any]):
-    check_batch(batch, config, online.encoder.image_hw)
-    return jitted(state, parallel.to_global(batch, mesh))
-
-  step.jitted = jitted
-  return step
 
 
 def encode(state: TrainState, images, config, branch: str = "online") -> jax.Array:

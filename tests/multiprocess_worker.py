@@ -5,7 +5,7 @@
 
 `step`: 3 train steps of the golden-fixture model on a global batch of 8 (this process
 feeds its own slice); process 0 writes the losses and both queues to OUT.npz.
-`program`: the training program (trainer.pretrain) on the tiny test config of
+`program`: the training program (pretrain.pretrain) on the tiny test config of
 test_program.py for EPOCHS epochs of the image folder DATA, checkpointing into WORKDIR,
 logging only at the last step; with EVAL=1 then the evaluation of eval.enabled (kNN, a
 one-epoch linear probe), results.json and the .pth export. It prints its summary as JSON (`summary {...}`) and the
@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 import convert  # noqa: E402
 import moby_jax  # noqa: E402
 from conftest import FIXTURES, noise_robust_config  # noqa: E402
-from moby_jax import parallel, trainer  # noqa: E402
+from moby_jax import parallel, pretrain  # noqa: E402
 
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 if nproc > 1:
@@ -70,10 +70,10 @@ def run_steps(out):
 def record_syncs():
   """Counts host syncs by how many train steps were dispatched before each."""
   from jax.experimental import multihost_utils
-  from moby_jax import train_step
+  from moby_jax import run
   dispatched = [0]
   syncs = collections.Counter()
-  make_step = train_step.make_train_step
+  make_step = run.Pretraining._make_step
 
   def counting_make_step(*args, **kwargs):
     step_fn = make_step(*args, **kwargs)
@@ -92,7 +92,7 @@ def record_syncs():
       return original(*args, **kwargs)
     setattr(module, name, wrapper)
 
-  train_step.make_train_step = counting_make_step
+  run.Pretraining._make_step = counting_make_step
   counting(jax, "device_get")
   counting(jax, "block_until_ready")
   counting(multihost_utils, "process_allgather")
@@ -107,7 +107,7 @@ def run_program(data, workdir, epochs, evaluate):
     config.eval.enabled = True
     config.eval.linear.update(epochs=1, batch_size=8)
   syncs = record_syncs()
-  summary = trainer.pretrain(config, workdir)
+  summary = pretrain.pretrain(config, workdir)
   print(f"summary {json.dumps(summary)}", flush=True)
   print(f"syncs {json.dumps(dict(syncs))}", flush=True)
 

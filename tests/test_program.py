@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import linear_swin_tiny, moby_swin_tiny
-from moby_jax import checkpoint, parallel, train_step, trainer
+from moby_jax import checkpoint, linear, loop, parallel, pretrain, run
 from test_data import write_folder
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def assert_states_identical(a, b):
 def reference_run(folder, tmp_path_factory):
   """An uninterrupted 9-step run (3 epochs) on one device."""
   workdir = tmp_path_factory.mktemp("reference")
-  summary = trainer.pretrain(tiny_config(folder), workdir, mesh=one_device())
+  summary = pretrain.pretrain(tiny_config(folder), workdir, mesh=one_device())
   return workdir, summary
 
 
@@ -68,16 +68,16 @@ def test_same_seed_same_losses_and_device_count_does_not_matter(folder, referenc
   first = losses(workdir)
   assert sorted(first) == list(range(1, 10))
   # The same config and seed again: the losses repeat bit for bit.
-  again = trainer.pretrain(tiny_config(folder), tmp_path / "again", mesh=one_device())
+  again = pretrain.pretrain(tiny_config(folder), tmp_path / "again", mesh=one_device())
   assert again["step"] == 9
   assert losses(tmp_path / "again") == first
   # Batches placed on the devices 1 or (the default) 2 steps ahead: the same losses.
   ahead = tiny_config(folder)
   ahead.data.device_prefetch = 1
-  trainer.pretrain(ahead, tmp_path / "ahead", mesh=one_device())
+  pretrain.pretrain(ahead, tmp_path / "ahead", mesh=one_device())
   assert losses(tmp_path / "ahead") == first
   # On 4 devices: the same losses within float32 reduction-order noise.
-  trainer.pretrain(tiny_config(folder), tmp_path / "four",
+  pretrain.pretrain(tiny_config(folder), tmp_path / "four",
                    mesh=parallel.make_mesh(jax.devices()[:4]))
   on_four = losses(tmp_path / "four")
   np.testing.assert_allclose([on_four[s] for s in range(1, 6)],
@@ -105,11 +105,11 @@ def test_sigterm_then_resume_is_bit_identical(folder, reference_run, tmp_path):
   reference_dir, _ = reference_run
   workdir = tmp_path / "run"
   watcher = _sigterm_after(workdir, 1)
-  first = trainer.pretrain(tiny_config(folder), workdir, mesh=one_device())
+  first = pretrain.pretrain(tiny_config(folder), workdir, mesh=one_device())
   watcher.join()
   assert first["preempted"] and 1 <= first["step"] < 3, first  # inside the first epoch
   assert checkpoint.Checkpointer(workdir, None, 0, None).latest_step() == first["step"]
-  second = trainer.pretrain(tiny_config(folder), workdir, mesh=one_device())
+  second = pretrain.pretrain(tiny_config(folder), workdir, mesh=one_device())
   assert second["step"] == 9 and not second["preempted"]
   state, _ = checkpoint.load_state(workdir, mesh=one_device())
   expected, _ = checkpoint.load_state(reference_dir, mesh=one_device())
@@ -145,7 +145,7 @@ def test_sigterm_during_start_up_and_compilation_exits_0_and_the_next_start_trai
 def test_half_written_checkpoint_is_never_restored(folder, tmp_path):
   config = tiny_config(folder, epochs=2, checkpoint_every_steps=2, keep_checkpoints=2)
   workdir = tmp_path / "run"
-  trainer.pretrain(config, workdir, mesh=one_device())
+  pretrain.pretrain(config, workdir, mesh=one_device())
   ckpt_dir = workdir / "checkpoints"
   assert sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) == [4, 6]
   complete_6, _ = checkpoint.load_state(workdir, mesh=one_device())
@@ -175,7 +175,7 @@ def test_corrupt_files_are_skipped_and_reported(folder, tmp_path):
   config = tiny_config(data, epochs=2)
   config.data.batch_size = 25  # 25 images: every file is read in every epoch
   config.moby.queue_size = 50
-  summary = trainer.pretrain(config, tmp_path / "run", mesh=one_device())
+  summary = pretrain.pretrain(config, tmp_path / "run", mesh=one_device())
   assert summary["step"] == 2 and summary["skipped_files"] == 2
   last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
   assert last["skipped_files"] == 2 and np.isfinite(last["loss"])
@@ -184,8 +184,7 @@ def test_corrupt_files_are_skipped_and_reported(folder, tmp_path):
 def _no_compilation(monkeypatch):
   def forbidden(*args, **kwargs):
     raise AssertionError("compiled before checking the input")
-  monkeypatch.setattr(train_step, "create_train_state", forbidden)
-  monkeypatch.setattr(train_step, "make_train_step", forbidden)
+  monkeypatch.setattr(run.Pretraining, "init_state", forbidden)
 
 
 @pytest.mark.parametrize("case", ["missing_folder", "empty_class", "model_name", "queue",
@@ -218,7 +217,7 @@ def test_bad_input_fails_before_compiling(folder, tmp_path, monkeypatch, case):
     config.eval.linear[field] = value
     error, match = ValueError, f"eval.linear.{field}"
   with pytest.raises(error, match=match):
-    trainer.pretrain(config, tmp_path / "run", mesh=one_device())
+    pretrain.pretrain(config, tmp_path / "run", mesh=one_device())
   assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -247,7 +246,7 @@ def test_linear_eval_from_workdir_and_from_pth_files_agree(folder, reference_run
     config.data.update(dataset="folder", path=str(folder), batch_size=8)
     config.train.update(epochs=2, log_every_steps=3)
     config.linear.source = str(source)
-    results.append(trainer.linear_eval(config, tmp_path / f"linear_{source.name}",
+    results.append(linear.linear_eval(config, tmp_path / f"linear_{source.name}",
                                        mesh=one_device()))
   assert results[0]["step"] == 6
   for other in results[1:]:
@@ -263,7 +262,7 @@ def test_linear_eval_from_workdir_and_from_pth_files_agree(folder, reference_run
   assert saved["best_top1"] == max(r["val/top1"] for r in validated)
   assert saved["best_epoch"] in (1, 2) and saved["top1"] == validated[-1]["val/top1"]
   config.linear.source = str(sources[2])
-  again = trainer.linear_eval(config, tmp_path / "linear_mmseg.pth", mesh=one_device())
+  again = linear.linear_eval(config, tmp_path / "linear_mmseg.pth", mesh=one_device())
   assert {k: again[k] for k in ("top1", "best_top1", "best_epoch")} == {
       k: saved[k] for k in ("top1", "best_top1", "best_epoch")}
 
@@ -277,13 +276,13 @@ def test_pretraining_starts_from_a_backbone_file(folder, reference_run, tmp_path
   path = convert.save(trained, pretrain_config, tmp_path / "swin_timm.pth", "timm").path
   config = tiny_config(folder, epochs=1)
   config.moby.init_from = str(path)
-  start = trainer._initial_state(config, one_device())
-  fresh = train_step.create_train_state(config, jax.random.key(config.train.seed), one_device())
+  start = pretrain.initial_state(run.Pretraining(config, one_device()))
+  fresh = run.create_train_state(config, jax.random.key(config.train.seed), one_device())
   assert int(start.step) == 0
   assert_states_identical(start.encoder("online"), trained.encoder("online"))
   assert_states_identical(start.encoder("target"), trained.encoder("online"))
   assert_states_identical(start.params["projector"], fresh.params["projector"])
-  summary = trainer.pretrain(config, tmp_path / "run", mesh=one_device())
+  summary = pretrain.pretrain(config, tmp_path / "run", mesh=one_device())
   assert summary["step"] == 3 and not summary["preempted"]
 
 
@@ -305,7 +304,7 @@ def test_evaluation_leaves_an_unreadable_val_file_out_and_names_it(folder, refer
   config.data.update(dataset="folder", path=str(data), batch_size=8)
   config.train.update(epochs=1, log_every_steps=3)
   config.linear.source = str(reference_dir)
-  result = trainer.linear_eval(config, tmp_path / "linear", mesh=one_device())
+  result = linear.linear_eval(config, tmp_path / "linear", mesh=one_device())
   clean_val = build_source(tiny_config(folder).data, "val")
   assert result["val_examples"] == len(clean_val) == 24
   assert result["unreadable_val"] == [str(broken)]
@@ -316,7 +315,7 @@ def test_evaluation_leaves_an_unreadable_val_file_out_and_names_it(folder, refer
   mesh = one_device()
   probe, _ = checkpoint.load_state(tmp_path / "linear", mesh=mesh)
   eval_fn = evaluate.make_linear_eval(config, mesh)
-  clean = trainer._linear_accuracy(config, mesh, probe, eval_fn, clean_val)
+  clean = linear._linear_accuracy(config, mesh, probe, eval_fn, clean_val)
   assert (clean["top1"], clean["top5"]) == (result["top1"], result["top5"])
 
   # kNN: with and without the broken file, the same accuracy over the same 24 images.
@@ -324,9 +323,9 @@ def test_evaluation_leaves_an_unreadable_val_file_out_and_names_it(folder, refer
   state, _ = checkpoint.load_state(reference_dir, mesh=mesh)
   encoder = state.encoder()
   train = build_source(pretrain_config.data, "train")
-  with_broken = trainer.KnnMonitor(pretrain_config, mesh, train,
+  with_broken = pretrain.KnnMonitor(pretrain_config, mesh, train,
                                    build_source(pretrain_config.data, "val"))(encoder)
-  without = trainer.KnnMonitor(pretrain_config, mesh, train, clean_val)(encoder)
+  without = pretrain.KnnMonitor(pretrain_config, mesh, train, clean_val)(encoder)
   assert (with_broken["top1"], with_broken["top5"]) == (without["top1"], without["top5"])
   assert with_broken["val_examples"] == 24 and with_broken["unreadable"] == [str(broken)]
 
@@ -336,8 +335,8 @@ def test_a_run_that_only_skips_steps_saves_and_stops_with_an_error(folder, tmp_p
   # has a non-finite loss and is skipped.
   config = tiny_config(folder, warmup_epochs=0, max_consecutive_skipped_steps=3)
   config.optim.update(base_lr=1e30, min_lr=1e30)
-  with pytest.raises(trainer.TrainingDiverged, match=r"up to step 4\b.*step 4 is saved"):
-    trainer.pretrain(config, tmp_path / "run", mesh=one_device())
+  with pytest.raises(loop.TrainingDiverged, match=r"up to step 4\b.*step 4 is saved"):
+    pretrain.pretrain(config, tmp_path / "run", mesh=one_device())
   assert checkpoint.Checkpointer(tmp_path / "run", None, 0, None).latest_step() == 4
   skipped = [r["skipped"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl")
                                        .read_text().splitlines())]

@@ -13,6 +13,7 @@ import convert
 import moby_jax
 from conftest import fixture_config, nchw, noise_robust_config, rel_err
 from moby_jax import moby, optim, parallel
+from moby_jax import run as run_lib
 from moby_jax import train_step as train_step_lib
 import torch_moby_reference as tmoby
 
@@ -341,14 +342,14 @@ def test_traces_once_and_donates(moby_fixture, monkeypatch):
 
 def test_cpu_scheduler_option_keeps_the_numbers(moby_fixture, monkeypatch):
   """The step compiled with XLA:CPU's memory-optimised scheduler
-  (train_step.CPU_COMPILER_OPTIONS) takes a smaller temporary buffer and computes the same
+  (run.CPU_COMPILER_OPTIONS) takes a smaller temporary buffer and computes the same
   state bit for bit as the default scheduler, over two steps."""
   config = fixture_config()
   mesh = parallel.make_mesh(jax.devices()[:1])
   views = np.random.default_rng(3).normal(size=(2, 2, 4, 32, 32, 3)).astype(np.float32)
   runs = {}
-  for name, options in (("memory", train_step_lib.CPU_COMPILER_OPTIONS), ("default", {})):
-    monkeypatch.setattr(train_step_lib, "CPU_COMPILER_OPTIONS", options)
+  for name, options in (("memory", run_lib.CPU_COMPILER_OPTIONS), ("default", {})):
+    monkeypatch.setattr(run_lib, "CPU_COMPILER_OPTIONS", options)
     step = moby_jax.make_train_step(config, mesh)
     state = fixture_state(moby_fixture, "init/", config, mesh=mesh)
     batch = parallel.to_global({"view1": views[0, 0], "view2": views[0, 1]}, mesh)

@@ -1,0 +1,173 @@
+"""What the training programs share: the step loop with checkpoints, logging and
+preemption, the count of unreadable files, and process-0 output.
+
+`run_loop` drives a jitted step over a loader until the schedule ends or a stop is
+requested; the programs (`moby_jax.pretrain`, `moby_jax.linear`) build their step, state
+and loader and hand them to it.
+"""
+
+import collections
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moby_jax import optim, parallel, preemption
+
+
+def is_main() -> bool:
+  return jax.process_index() == 0
+
+
+def say(message: str) -> None:
+  if is_main():
+    print(message, flush=True)
+
+
+def sync_num_examples(config, source) -> None:
+  """data.num_train_examples (and with it the default steps_per_epoch) follows the data."""
+  n = len(source)
+  if config.data.num_train_examples != n:
+    say(f"data: the training split has {n} examples (data.num_train_examples was "
+        f"{config.data.num_train_examples}); using {n}")
+    with config.unlocked():
+      config.data.num_train_examples = n
+
+
+class BadFiles:
+  """Training files that could not be read, over all processes: those left out when the
+  source was listed, plus those that failed to decode (by source index). Each is named
+  once in the log; the count is the `skipped_files` metric."""
+
+  def __init__(self, source):
+    self.source = source
+    self.indices: set[int] = set()
+    self._new: set[int] = set()
+    for entry in source.skipped:
+      say(f"data: skipped {entry}")
+
+  def add(self, bad: np.ndarray) -> None:
+    """Notes this process's unreadable indices of a batch (-1: none)."""
+    self._new.update(int(i) for i in np.asarray(bad).ravel() if i >= 0)
+
+  def sync(self) -> int:
+    """Shares what every process met since the last call (a collective: every process
+    calls it at the same step) and returns the global count."""
+    new = parallel.union_over_processes(self._new - self.indices) - self.indices
+    self._new.clear()
+    for index in sorted(new):
+      say(f"data: skipped unreadable example {self.source.name(index)}")
+    self.indices |= new
+    return self.count
+
+  @property
+  def count(self) -> int:
+    return len(self.source.skipped) + len(self.indices)
+
+
+def name_unreadable(source, indices, what: str) -> list[str]:
+  """Logs and returns the names of evaluation examples that could not be decoded (they
+  are left out of the metric, never replaced)."""
+  names = [source.name(i) for i in sorted(indices)]
+  for name in names:
+    say(f"{what}: left out unreadable example {name}")
+  return names
+
+
+class TrainingDiverged(RuntimeError):
+  """train.max_consecutive_skipped_steps steps in a row had a non-finite loss or gradient."""
+
+
+def run_loop(*, config, mesh, loader, state, step_fn, ckpt, logger, bad_files, unit_metrics,
+              on_epoch_end=None, progress=None) -> tuple:
+  """Steps until train.epochs are done or a stop is requested; returns (state, preempted).
+
+  `on_epoch_end(state, epoch)` runs after the last step of each epoch; `progress()` gives
+  JSON-able run state saved with every checkpoint next to the data position (restored
+  with it).
+
+  Nothing here waits for the devices except at log steps (metrics are fetched then) and
+  checkpoint steps: the stop check is local (preemption.requested), so the host keeps
+  dispatching ahead of the running step, and the next data.device_prefetch batches are
+  already on their way to the devices while a step runs.
+  """
+  total = optim.total_steps(config)
+  steps_per_epoch = config.train.steps_per_epoch
+  first = step = int(jax.device_get(state.step))
+  limit = config.train.max_consecutive_skipped_steps
+  # Steps skipped in a row, counted on the device (no host sync per step).
+  consecutive = jax.device_put(np.int32(0), parallel.replicated(mesh))
+  preempted = False
+  # Batches taken from the loader and placed on the devices (asynchronously) before their
+  # step: (unreadable indices, global batch, seconds waited for it).
+  ahead = collections.deque()
+  depth = max(1, config.data.device_prefetch)
+
+  def position() -> dict:
+    """Where the next start continues: the batches fetched ahead are not consumed yet."""
+    return {**loader.get_state(rewind=len(ahead)), **(progress() if progress else {})}
+
+  def fetch() -> None:
+    start = time.perf_counter()
+    batch = next(loader)
+    waited = time.perf_counter() - start
+    bad = batch.pop("bad")
+    ahead.append((bad, parallel.to_global({k: batch[k] for k in unit_metrics}, mesh), waited))
+
+  try:
+    while step < total:
+      if preemption.requested():
+        if step > first:
+          say(f"stop requested (SIGTERM): saving step {step} and exiting")
+          ckpt.save(step, state, position(), force=True)
+        else:
+          say(f"stop requested (SIGTERM) before the first step: exiting at step {step}")
+        preempted = True
+        break
+      while len(ahead) < min(depth, total - step):
+        fetch()
+      bad, batch, waited = ahead.popleft()
+      bad_files.add(bad)
+      state, metrics = step_fn(state, batch)
+      consecutive = _count_skipped(consecutive, metrics["skipped"])
+      step += 1
+      logger.record_step(waited)
+      if step % config.train.log_every_steps == 0 or step == total:
+        metrics, in_a_row = jax.device_get((metrics, consecutive))
+        metrics["skipped_files"] = bad_files.sync()
+        logger.log(step, metrics)
+        if limit and in_a_row >= limit:
+          ckpt.save(step, state, position(), force=True)
+          raise TrainingDiverged(
+              f"the last {int(in_a_row)} steps (up to step {step}) had a non-finite loss or "
+              f"gradient and were skipped (train.max_consecutive_skipped_steps={limit}); "
+              f"step {step} is saved: lower the learning rate or check the data")
+      if on_epoch_end is not None and step % steps_per_epoch == 0:
+        on_epoch_end(state, step // steps_per_epoch)
+      ckpt.save(step, state, position())
+    if not preempted:
+      ckpt.save(step, state, position(), force=True)
+    bad_files.sync()
+  finally:
+    loader.close()
+    ckpt.wait()
+  return state, preempted
+
+
+@jax.jit
+def _count_skipped(consecutive, skipped):
+  return jnp.where(skipped > 0, consecutive + 1, 0).astype(jnp.int32)
+
+
+def stop_summary(what: str) -> dict | None:
+  """A summary for a stop requested before `what` (None: go on)."""
+  if not preemption.requested():
+    return None
+  say(f"stop requested (SIGTERM) before {what}: exiting")
+  return {"preempted": True}
+
+
+def eval_batch(config, mesh) -> int:
+  """A batch for feature extraction: data.batch_size rounded to a multiple of the devices."""
+  return -(-config.data.batch_size // mesh.size) * mesh.size
