@@ -66,7 +66,8 @@ class Pretraining:
   def _make_step(self):
     config, mesh, online = self.config, self.mesh, self.online
     step_fn = functools.partial(train_step.train_step, config=config, online=online,
-                                target=self.target, tx=self.tx)
+                                target=self.target, tx=self.tx,
+                                fsdp=self.state_shardings if config.parallel.fsdp else None)
     on_cpu = mesh.devices.flat[0].platform == "cpu"
     jitted = jax.jit(step_fn, in_shardings=(self.state_shardings, parallel.batch_sharding(mesh)),
                      out_shardings=(self.state_shardings, parallel.replicated(mesh)),

@@ -279,14 +279,15 @@ def assert_states_equal(a, b, config, tol=1e-5, atol=0.0):
 
 def test_eight_devices_equal_one(moby_fixture, monkeypatch):
   """3 steps with the global batch split over 8 devices, with replicated and with FSDP
-  state, equal 3 steps on 1 device: losses, params, target params, BN statistics and
-  queues within 1e-5 relative."""
+  state (views in a scan and as one batch), equal 3 steps on 1 device: losses, params,
+  target params, BN statistics and queues within 1e-5 relative."""
   assert jax.device_count() == 8
   monkeypatch.setattr(parallel, "FSDP_MIN_SIZE", 1)  # shard even the tiny test model
   config = noise_robust_config(batch_size=16)
   one, losses1 = _run(config, parallel.make_mesh(jax.devices()[:1]), 3, moby_fixture)
-  for fsdp in (False, True):
+  for fsdp, views_in_scan in ((False, True), (True, True), (True, False)):
     config.parallel.fsdp = fsdp
+    config.train.views_in_scan = views_in_scan
     eight, losses8 = _run(config, parallel.make_mesh(), 3, moby_fixture)
     kernel = eight.params["encoder"]["layers_0"]["blocks_0"]["mlp"]["fc1"]["kernel"]
     assert kernel.sharding.is_fully_replicated != fsdp
