@@ -21,14 +21,13 @@ import textwrap
 from collections.abc import Mapping
 
 import jax
-from absl import flags
-from ml_collections import config_flags
 
 import convert
 import moby_jax
 from convert import inspection, keys, load, names, pth
 from convert.meta import architecture
 from moby_jax import checkpoint, parallel
+from moby_jax.config_file import load_config
 from moby_jax.models import build_encoder
 
 FORMAT_HELP = "\n".join(
@@ -100,23 +99,6 @@ def _parser() -> argparse.ArgumentParser:
                   "keys against that format's key list (exit status 1 if there are any).")
   inspect.add_argument("file")
   return parser
-
-
-def load_config(spec: str, overrides: list[str]):
-  """The ConfigDict of `spec` ("path.py" or "path.py:arg") with --config.x.y=v overrides."""
-  argv = ["convert", f"--config={spec}", *overrides]
-  values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "config file", flag_values=values,
-                                  sys_argv=argv)
-  try:
-    rest = values(argv)
-    config = values.config
-    _ = config.model  # a config file that failed to load raises only when used
-  except (flags.Error, OSError, AttributeError, KeyError, ValueError) as err:
-    raise CliError(f"config {spec} {' '.join(overrides)}: {type(err).__name__}: {err}") from None
-  if len(rest) > 1:
-    raise CliError(f"unrecognised arguments: {' '.join(rest[1:])}")
-  return config
 
 
 # --------------------------------------------------------------------------------- export

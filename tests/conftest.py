@@ -4,11 +4,18 @@ The whole test session sees 8 fake CPU devices (set before jax is imported), so 
 multi-device equivalence can be tested; everything else runs on the first device.
 """
 
+import importlib.util
 import json
 import os
 import pathlib
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# With libtpu installed (requirements-plan.txt, for the pod planner), every JAX process
+# would look for TPU chips and take libtpu's lock file. The tests run on the CPU (the
+# planner compiles for TPUs it only describes), their subprocesses too.
+if importlib.util.find_spec("libtpu") is not None:
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import tempfile
 

@@ -1,0 +1,103 @@
+"""The README's pod-planning table: the released recipes planned for TPU slices.
+
+  python3 bench/plan_table.py [--jobs 2] [--out bench/plan_table.json]
+
+Runs `python3 -m moby_jax.plan` (one process per row, `--jobs` at a time) for MoBY Swin-T
+and DeiT-S at global batch 512 (the paper's) and 4096 on v5e:8x8, v5p:4x4x4, v4:4x4x4 and
+v6e:16x16, then `--max-batch` on one v5e chip, and prints the rows as a Markdown table.
+Rows already in --out are kept (the table can be built over several sessions). A Swin-T
+compile takes 5 to 15 minutes on 2 busy cores: run it in the background.
+"""
+
+import argparse
+import concurrent.futures
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = {"Swin-T": "configs/moby_swin_tiny.py", "DeiT-S": "configs/moby_deit_small.py"}
+TOPOLOGIES = ("v5e:8x8", "v5p:4x4x4", "v4:4x4x4", "v6e:16x16")
+BATCHES = (512, 4096)
+GiB = 2 ** 30
+
+
+def plan_row(model: str, topology: str, batch: int) -> dict:
+  with tempfile.TemporaryDirectory() as tmp:
+    out = pathlib.Path(tmp) / "plan.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "moby_jax.plan", "--config", CONFIGS[model], "--topology",
+         topology, "--json", str(out), f"--config.data.batch_size={batch}"],
+        cwd=ROOT, capture_output=True, text=True)
+    if not out.exists():
+      raise RuntimeError(f"{model} {topology} {batch}: {result.stderr[-2000:]}")
+    return json.loads(out.read_text())
+
+
+def max_batch_row(model: str) -> dict:
+  result = subprocess.run(
+      [sys.executable, "-m", "moby_jax.plan", "--config", CONFIGS[model], "--topology",
+       "v5e-1", "--max-batch"], cwd=ROOT, capture_output=True, text=True)
+  found = re.search(r"largest global batch that fits: (\d+)", result.stdout)
+  return {"model": model, "max_batch_v5e_chip": int(found.group(1)) if found else None,
+          "tries": result.stdout}
+
+
+def markdown(rows: dict) -> str:
+  lines = ["| model | global batch | topology | chips | fits | GiB per device (of HBM) | "
+           "TFLOP per device per step | collective bytes sent per device per step | "
+           "step time at peak (lower bound) | ICI time (estimate) |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+  for key in sorted(k for k in rows if k.count("|") == 2):
+    r = rows[key]
+    model, topology, batch = key.split("|")
+    step = r["programs"]["train_step"]
+    memory = step["memory"]
+    wire = sum(c["wire_bytes"] for c in step.get("collectives", {}).values())
+    ici = r.get("ici_seconds_per_step")
+    lines.append(
+        f"| {model} | {batch} | {topology} | {r['chips']} | "
+        f"{'yes' if memory['fits'] else '**no**'} | "
+        f"{memory['total_bytes'] / GiB:.2f} ({memory['hbm_bytes'] / GiB:.2f}) | "
+        f"{r['flops']['per_device'] / 1e12:.2f} | {wire / 2 ** 20:.0f} MiB | "
+        f"{r['flops']['lower_bound_step_seconds'] * 1e3:.1f} ms | "
+        f"{'n/a' if ici is None else f'{ici * 1e3:.1f} ms'} |")
+  for key in sorted(k for k in rows if k.startswith("max_batch|")):
+    r = rows[key]
+    lines.append(f"\nLargest global batch of {r['model']} on one v5e chip (16 GiB): "
+                 f"{r['max_batch_v5e_chip']}")
+  return "\n".join(lines)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--jobs", type=int, default=1)
+  parser.add_argument("--out", default=str(ROOT / "bench" / "plan_table.json"))
+  args = parser.parse_args()
+  out = pathlib.Path(args.out)
+  rows = json.loads(out.read_text()) if out.exists() else {}
+  todo = {f"{m}|{t}|{b}": (plan_row, (m, t, b))
+          for t in TOPOLOGIES for m in CONFIGS for b in BATCHES}
+  todo.update({f"max_batch|{m}": (max_batch_row, (m,)) for m in CONFIGS})
+  todo = {k: v for k, v in todo.items() if k not in rows}
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+    futures = {pool.submit(fn, *fn_args): key for key, (fn, fn_args) in todo.items()}
+    for future in concurrent.futures.as_completed(futures):
+      key = futures[future]
+      try:
+        rows[key] = future.result()
+      except RuntimeError as err:
+        print(f"{key}: failed: {err}", flush=True)
+        continue
+      out.write_text(json.dumps(rows, indent=1) + "\n")
+      print(f"{key}: done", flush=True)
+  print(markdown(rows))
+
+
+if __name__ == "__main__":
+  main()
