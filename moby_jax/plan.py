@@ -165,10 +165,12 @@ class DoesNotFit(Exception):
 def compile_program(jitted, *args):
   """(compiled, seconds). Raises DoesNotFit when the compiler runs out of device memory."""
   started = time.perf_counter()
-  # An executable for described devices cannot be loaded back from JAX's persistent
-  # compilation cache (there is no client for them): compile it without the cache.
-  cache = jax.config.jax_enable_compilation_cache
-  jax.config.update("jax_enable_compilation_cache", False)
+  # Never written to JAX's persistent compilation cache (where the caller has one): an
+  # executable for described devices cannot be loaded back (there is no client for them).
+  # JAX decides once per process whether it reads the cache; whether it writes an entry
+  # it decides per compile, by this threshold.
+  min_seconds = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
   try:
     compiled = jitted.lower(*args).compile()
   except Exception as err:  # the compiler's JaxRuntimeError / XlaRuntimeError
@@ -176,7 +178,7 @@ def compile_program(jitted, *args):
       raise DoesNotFit(str(err).splitlines()[0]) from None
     raise
   finally:
-    jax.config.update("jax_enable_compilation_cache", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_seconds)
   return compiled, time.perf_counter() - started
 
 
@@ -381,7 +383,8 @@ def format_report(report: dict) -> str:
       f"({report['libtpu_topology']}: {report['chips']} chips, {report['devices']} "
       f"devices, {report['device_kind']})",
       f"  per-device batch {report['per_device_batch']}, FSDP "
-      f"{'on' if report['fsdp'] else 'off'}, views {'in a scan' if report['views_in_scan'] else 'as one batch'}"]
+      f"{'on' if report['fsdp'] else 'off'}, views "
+      f"{'in a scan' if report['views_in_scan'] else 'as one batch'}"]
   flops = report["flops"]
   lines += [
       "FLOPs (XLA's count of the loop-free step; the lower bound assumes the chip's peak "
