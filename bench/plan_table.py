@@ -52,7 +52,11 @@ def markdown(rows: dict) -> str:
            "TFLOP per device per step | collective bytes sent per device per step | "
            "step time at peak (lower bound) | ICI time (estimate) |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-  for key in sorted(k for k in rows if k.count("|") == 2):
+  def order(key):
+    model, topology, batch = key.split("|")
+    return list(CONFIGS).index(model), TOPOLOGIES.index(topology), int(batch)
+
+  for key in sorted((k for k in rows if k.count("|") == 2), key=order):
     r = rows[key]
     model, topology, batch = key.split("|")
     step = r["programs"]["train_step"]
