@@ -28,13 +28,19 @@ from moby_jax import parallel
 # FLOPs
 
 
+def xla_flops(stage) -> float | None:
+  """XLA's FLOP count of a lowered or compiled program (None where XLA gives none)."""
+  cost = stage.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return float(cost["flops"]) if cost and "flops" in cost else None
+
+
 def _lowered_flops(jitted, *args) -> float:
   """XLA's FLOP count of a jitted function's lowered (not yet optimised) module."""
-  cost = jitted.lower(*args).cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  if not cost or "flops" not in cost:
+  flops = xla_flops(jitted.lower(*args))
+  if flops is None:
     raise RuntimeError("XLA gave no FLOP count for the lowered step")
-  return float(cost["flops"])
+  return flops
 
 
 def _one_cpu_device_mesh():

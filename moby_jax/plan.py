@@ -190,8 +190,6 @@ def _program_report(compiled, seconds: float, args: dict, topology: Topology,
   total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
            - memory.alias_size_in_bytes + memory.temp_size_in_bytes
            + memory.generated_code_size_in_bytes)
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
   found, notes = costs.collectives(compiled.as_text(), num_devices)
   ici = topology.chip.ici_gbytes_per_s
   collective_rows = {
@@ -208,7 +206,7 @@ def _program_report(compiled, seconds: float, args: dict, topology: Topology,
                   code_bytes=memory.generated_code_size_in_bytes,
                   total_bytes=total, hbm_bytes=int(hbm), fits=total <= hbm,
                   headroom_bytes=int(hbm - total)),
-      xla_flops=float((cost or {}).get("flops", 0.0)),
+      xla_flops=costs.xla_flops(compiled) or 0.0,
       collectives=collective_rows, notes=notes)
 
 
