@@ -8,9 +8,11 @@ compilation, training, evaluation) stops it cleanly, saving the step it reached,
 process exits 0; with several processes all of them stop at the same step.
 """
 
-# First, before the slow imports: from here on SIGTERM is a stop request, not a kill.
-from moby_jax import preemption
+# First, before the slow imports: from here on SIGTERM is a stop request, not a kill, and
+# the run's clock (goodput: start-up counts from here) is running.
+from moby_jax import goodput, preemption
 
+goodput.process_started()
 preemption.install()
 
 import sys  # noqa: E402

@@ -13,6 +13,9 @@ For JAX also the wall time per kind (the union of its operations' intervals): XL
 independent operations side by side on the same cores, so summed times overstate what a
 kind costs the step. On the CPU, unfused dots run asynchronously on Eigen's thread pool
 and are timed up to their consumer (operation_intervals).
+`top_operations(trace_dir, steps)`: the operations of a `jax.profiler` trace that took the
+most time (self time, per step), on the devices when the trace has any (GPU, TPU), else
+on the host (XLA:CPU), as bench/gpu_check.sh prints them.
 `torch_breakdown(fn, steps)`: the same kinds from torch.profiler's per-operator self
 times (PyTorch runs one operator at a time on the CPU, each over all cores, so these add
 up to its wall time less the Python between them). Times are per step, in ms.
@@ -148,6 +151,37 @@ def jax_breakdown(hlo: str, call, steps: int = 2) -> dict:
   return {"kinds": dict(kinds), "wall": wall,
           "busy": _wall_ms([(s, e) for s, e, _, _ in intervals]) / steps,
           "span": span, "parts": dict(parts)}
+
+
+def top_operations(trace_dir: str, steps: int, count: int = 15) -> list[tuple[str, str, float]]:
+  """[(process, operation, ms per step)] of the newest perfetto trace under `trace_dir`,
+  the `count` largest by self time (an event's duration less that of the events nested
+  in it on its thread), Python frames and end markers left out."""
+  traces = sorted(glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True))
+  if not traces:
+    raise RuntimeError(f"no perfetto_trace.json.gz under {trace_dir}")
+  events = json.load(gzip.open(traces[-1]))["traceEvents"]
+  process = {e["pid"]: e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+  threads = collections.defaultdict(list)
+  for e in events:
+    if e.get("ph") == "X" and not e["name"].startswith(("$", "end: ")):
+      threads[(e["pid"], e.get("tid"))].append(e)
+  self_us = collections.Counter()
+  for (pid, _), thread in threads.items():
+    stack = []  # [end, key, self time] of the enclosing events
+    for e in sorted(thread, key=lambda e: (e["ts"], -e["dur"])):
+      while stack and stack[-1][0] <= e["ts"]:
+        _, key, own = stack.pop()
+        self_us[key] += own
+      if stack:
+        stack[-1][2] -= e["dur"]
+      stack.append([e["ts"] + e["dur"], (process.get(pid, str(pid)), e["name"]), e["dur"]])
+    for _, key, own in stack:
+      self_us[key] += own
+  on_devices = {k: v for k, v in self_us.items() if "device" in k[0].lower()}
+  ranked = sorted((on_devices or self_us).items(), key=lambda kv: -kv[1])[:count]
+  return [(where, name, us / 1e3 / steps) for (where, name), us in ranked]
 
 
 # PyTorch operators by kind (self time; the autograd wrappers carry no time of their own).

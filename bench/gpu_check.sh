@@ -22,7 +22,9 @@
 #      rather than failing the tests as they do in CI (the GPU machine runs a newer JAX);
 #   2. bench/train_step.py in bf16: MoBY Swin-T and DeiT-S at global batch 64, 128 and 256
 #      (pairs/s, MFU, peak GPU memory), Swin-T with the views batched instead of scanned and
-#      with rematerialisation, and the PyTorch reference step with bf16 autocast.
+#      with rematerialisation, and the PyTorch reference step with bf16 autocast. The first
+#      row also keeps a profiler trace of three steps ($OUT/trace, to copy back and open in
+#      TensorBoard or ui.perfetto.dev) and the table ends with its top operations.
 # Environment: BUDGET_S, OUT (results folder, default /tmp/gpu_check), and GPU_CHECK_SMOKE=1
 # for a few-second rehearsal of the whole script on a CPU (tiny model, batch 16).
 set -uo pipefail
@@ -85,6 +87,7 @@ for b in "${BATCHES[@]}"; do
 done
 ROWS+=("moby_swin_tiny $BIG batch none jax" "moby_deit_small $BIG batch none jax"
        "moby_swin_tiny $BIG scan dots jax" "moby_swin_tiny $BIG scan full jax")
+TRACE="--trace $OUT/trace"  # the first row that runs keeps a trace
 for row in "${ROWS[@]}"; do
   read -r config batch views remat frameworks <<< "$row"
   # A row needs its compilation and its steps: give up on it with less than 60 s left.
@@ -92,8 +95,9 @@ for row in "${ROWS[@]}"; do
   echo "-- $row"
   timeout $(( $(left) - 10 )) python3 bench/train_step.py --config "$config" $ARG \
     --batch "$batch" --dtype "$DTYPE" --views "$views" --remat "$remat" \
-    --frameworks "$frameworks" $STEPS --json "$RESULTS" 2>&1 | tail -4 ||
+    --frameworks "$frameworks" $STEPS $TRACE --json "$RESULTS" 2>&1 | tail -4 ||
     SKIPPED+=("$row (failed or timed out)")
+  TRACE=""
 done
 
 echo "== results ($((SECONDS - START)) s)"
@@ -123,4 +127,10 @@ for r in rows:
         f"{r['pairs_per_s']:.0f} | {1e3 * r['seconds']:.1f} | {mfu} | {memory} | {ratio} |")
 for row in sys.argv[3:]:
   print(f"skipped: {row}")
+for r in rows:
+  if r.get("top_operations"):
+    print(f"\ntop operations of {r['config']} at batch {r['batch']}, ms per step (trace in "
+          f"{r['trace']}):")
+    for where, name, ms in r["top_operations"]:
+      print(f"  {ms:8.2f}  {name[:100]}  [{where}]")
 EOF

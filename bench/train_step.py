@@ -4,13 +4,16 @@
   python bench/train_step.py --config moby_deit_small --batch 256 --dtype bfloat16
   python bench/train_step.py --batch 128 --dtype bfloat16 --views batch --remat dots
   python bench/train_step.py --config moby_swin_tiny --batch 8 --breakdown
+  python bench/train_step.py --config moby_swin_tiny --batch 128 --trace /tmp/trace
 
 Each framework runs in its own child process (so peak RSS is its own): build the model,
 `--warmup` untimed steps (compilation included there), then the median of `--repeats`
 timed steps. Prints image pairs/s, step time, peak host RSS, the host's CPU use over the
-timed steps (cores busy, system time and page faults per step), and for JAX the model FLOPs
-per step (XLA's cost analysis of the lowered forward passes) and MFU when the accelerator's peak
-is known (or given with --peak-tflops). The views are random normalised images fed as
+timed steps (cores busy, system time and page faults per step), and for JAX the FLOPs per
+step (moby_jax.costs.step_flops: the count training runs and the pod planner use) and MFU
+when the device's peak is in moby_jax.costs.PEAKS (or given with --peak-tflops); with
+--trace, a profiler trace of three more steps and the operations that took the most
+device time in it (bench/breakdown.py). The views are random normalised images fed as
 device arrays, and per-pixel augmentation is off in both, so the model step alone is
 measured. PyTorch uses tests/torch_moby_reference.py with the same architecture, batch
 and optimizer (bf16 autocast on CUDA when --dtype bfloat16).
@@ -26,12 +29,10 @@ import sys
 
 from common import timed_steps  # sets the import paths
 
-# Dense bf16 peak per device, TFLOP/s (vendor datasheets).
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0,
-               "TPU v5p": 459.0, "TPU v5 lite": 197.0}
 # glibc malloc settings (--malloc). XLA:CPU takes a step's temporary buffers as one
 # allocation (1.8 GB for Swin-T at batch 8), which glibc serves with a fresh mmap and
 # unmaps at the end of the step: every step faults it in again, page by page.
+TRACED_STEPS = 3  # --trace
 MALLOC_TUNABLES = {
     "default": "",
     "hugepages": "glibc.malloc.hugetlb=1",
@@ -51,37 +52,11 @@ def load_config(args):
   return config
 
 
-def model_flops_per_step(config, state, batch) -> float | None:
-  """Model FLOPs of one MoBY step: forward + backward (2x forward) of the online branch
-  and a forward of the target branch, for both views, from XLA's cost analysis of one
-  forward pass per branch (the step's own count would see the scan body only once, and
-  model FLOPs exclude recomputation). The analysis is of the lowered HLO, before any
-  backend: on GPUs the compiled module's analysis leaves out the matmuls handed to
-  cuBLAS (it counted 0.4 of Swin-T's 9.1 GFLOP per image on an H200)."""
-  import jax
-  from moby_jax import moby
-
-  online, target = moby.build_branches(config)
-
-  def forward_flops(branch, params, stats):
-    fn = lambda p, s, x: branch.apply({"params": p, "batch_stats": s}, x, train=True,
-                                      mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)})
-    cost = jax.jit(fn).lower(params, stats, batch["view1"]).cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return (cost or {}).get("flops")
-
-  per_view = [forward_flops(online, state.params, state.batch_stats),
-              forward_flops(target, state.target_params, state.target_batch_stats)]
-  if None in per_view:
-    return None
-  return 2 * (3 * per_view[0] + per_view[1])
-
-
 def bench_jax(args) -> dict:
   import jax
   import numpy as np
   import moby_jax
-  from moby_jax import parallel
+  from moby_jax import costs, parallel
 
   config = load_config(args)
   mesh = parallel.make_mesh()
@@ -92,7 +67,7 @@ def bench_jax(args) -> dict:
   batch = parallel.to_global(
       {k: rng.normal(size=(args.batch, size, size, 3)).astype(np.float32)
        for k in ("view1", "view2")}, mesh)
-  flops = model_flops_per_step(config, state, batch)
+  flops = costs.step_flops(config)
   holder = {"state": state}
 
   def run_step():
@@ -107,7 +82,7 @@ def bench_jax(args) -> dict:
     hlo = step.jitted.lower(holder["state"], batch).compile().as_text()
     breakdown = jax_breakdown(hlo, run_step)
   kind = jax.devices()[0].device_kind
-  peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
+  peak = args.peak_tflops or costs.peak_tflops(kind, args.dtype)
   out = dict(framework="jax", device=f"{jax.device_count()} x {kind}", **timing,
              pairs_per_s=args.batch / seconds, flops_per_step=flops)
   if peak and flops:
@@ -117,6 +92,15 @@ def bench_jax(args) -> dict:
     out["peak_device_gib"] = memory["peak_bytes_in_use"] / 2 ** 30
   if breakdown:
     out["breakdown"] = breakdown
+  if args.trace:
+    from breakdown import top_operations
+    os.makedirs(args.trace, exist_ok=True)
+    jax.profiler.start_trace(args.trace, create_perfetto_trace=True)
+    for _ in range(TRACED_STEPS):
+      run_step()
+    jax.profiler.stop_trace()
+    out["trace"] = args.trace
+    out["top_operations"] = top_operations(args.trace, TRACED_STEPS)
   return out
 
 
@@ -167,6 +151,10 @@ def main():
                       help="also profile two steps and split their time by kind of "
                            "operation (matmul, layout, reduction, elementwise) and, for "
                            "JAX, by part of the model (bench/breakdown.py)")
+  parser.add_argument("--trace", metavar="DIR",
+                      help="JAX: also trace three steps with jax.profiler into DIR (open "
+                           "with TensorBoard's profile plugin or ui.perfetto.dev) and print "
+                           "the operations that took the most time")
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--peak-tflops", type=float, default=None,
@@ -221,6 +209,12 @@ def main():
   if len(results) == 2:
     ratio = results["jax"]["pairs_per_s"] / results["torch"]["pairs_per_s"]
     print(f"  ratio jax / torch: {ratio:.2f}x")
+  if "top_operations" in results.get("jax", {}):
+    r = results["jax"]
+    print(f"\nOperations that took the most time in {TRACED_STEPS} traced steps "
+          f"(trace in {r['trace']}), ms per step:")
+    for where, name, ms in r["top_operations"]:
+      print(f"  {ms:9.2f}  {name}  [{where}]")
   if args.breakdown:
     from breakdown import table
     print("\nTime by kind of operation over two profiled steps (bench/breakdown.py):")

@@ -57,7 +57,15 @@ def train_config(num_train_examples, batch_size, **overrides) -> ml_collections.
       views_in_scan=True,
       # GPUs: XLA's deterministic ops (set before JAX starts; train.py does it), so that a
       # resumed run is bit-identical to an uninterrupted one. Slower.
-      deterministic=False), **overrides))
+      deterministic=False,
+      # MFU: the peak TFLOP/s of one device; 0 takes it from moby_jax.costs.PEAKS for the
+      # device kind and model.dtype (CPUs and unlisted devices: no MFU is logged).
+      peak_tflops=0.0,
+      # A jax.profiler trace of steps (first, count) into WORKDIR/profile ((0, 0): none);
+      # touching WORKDIR/PROFILE traces the next profile_on_demand_steps steps of a
+      # running job (looked for at log steps). Process 0 only unless profile_all_processes.
+      profile_steps=(0, 0), profile_on_demand_steps=10, profile_all_processes=False),
+      **overrides))
   # The loader drops the last partial batch of each epoch.
   c.steps_per_epoch = num_train_examples // batch_size
   return c

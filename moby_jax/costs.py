@@ -14,6 +14,8 @@ Shared by the pod planner (`moby_jax.plan`) and anything else that needs a step'
   its count, the bytes it outputs per device and an estimate of the bytes it sends over
   the interconnect per device, loops multiplied by their trip counts.
 - `per_device_bytes(tree)`: the bytes a pytree of sharded shapes takes on one device.
+- `peak_tflops(device_kind, dtype)`: a device's peak matmul rate (PEAKS), for MFU and the
+  planner's lower bound.
 """
 
 import dataclasses
@@ -44,7 +46,7 @@ def _lowered_flops(jitted, *args) -> float:
 
 
 def _one_cpu_device_mesh():
-  return parallel.make_mesh(jax.devices("cpu")[:1])
+  return parallel.make_mesh(jax.local_devices(backend="cpu")[:1])
 
 
 def step_flops(config) -> float:
@@ -53,12 +55,14 @@ def step_flops(config) -> float:
   Counted by XLA from the step lowered for one CPU device with both views as one batch
   (`train.views_in_scan=False`: no loop, so nothing is counted once for two trips); the
   arithmetic is the same for any device count and for the scanned step. Includes the
-  on-device augmentations, the heads, the loss, the queues and the optimizer update.
+  on-device augmentations, the heads, the loss, the queues and the optimizer update; not
+  the forward passes that model.remat recomputes (model FLOPs, as MFU counts them).
   """
   from moby_jax.run import Pretraining
   loop_free = config.copy_and_resolve_references()
   with loop_free.unlocked():
     loop_free.train.views_in_scan = False
+    loop_free.model.remat = "none"
   run = Pretraining(loop_free, _one_cpu_device_mesh())
   return _lowered_flops(run.step.jitted, run.abstract_state, run.abstract_batch())
 
@@ -85,6 +89,52 @@ PASSES_PER_PAIR = 2 * 3 + 2
 def analytic_step_flops(config) -> float:
   """The MoBY count: 8 encoder forward-equivalents per image pair, times the global batch."""
   return PASSES_PER_PAIR * encoder_forward_flops(config) * config.data.batch_size
+
+
+# ---------------------------------------------------------------------------------------
+# Peak rates
+
+
+@dataclasses.dataclass(frozen=True)
+class Peak:
+  """Dense (no sparsity) matmul TFLOP/s of one device as a run sees it: a GPU, or a TPU
+  chip (v4's two TensorCores are one megacore device in a run). `fp32` is the rate of
+  float32 matmuls at JAX's default precision: TF32 tensor cores on these GPUs, one
+  bfloat16 pass on TPUs (hence the same as bf16)."""
+  bf16: float
+  fp32: float
+  source: str
+
+
+PEAKS = {
+    "H100 SXM": Peak(989.4, 494.7, "NVIDIA H100 datasheet (SXM5): 1979 / 989 TFLOPS with "
+                                   "sparsity, halved"),
+    "H100 PCIe": Peak(756.0, 378.0, "NVIDIA H100 datasheet (PCIe), sparsity halved"),
+    "H100 NVL": Peak(835.5, 417.5, "NVIDIA H100 NVL datasheet, per GPU, sparsity halved"),
+    "H200": Peak(989.4, 494.7, "NVIDIA H200 datasheet (SXM), sparsity halved"),
+    "H200 NVL": Peak(835.5, 417.5, "NVIDIA H200 datasheet (NVL), sparsity halved"),
+    "A100": Peak(312.0, 156.0, "NVIDIA A100 datasheet (SXM4 and PCIe): BF16 312, TF32 156"),
+    "TPU v4": Peak(275.0, 275.0, "cloud.google.com/tpu/docs/v4: 275 TFLOPs bf16 per chip"),
+    "TPU v5e": Peak(197.0, 197.0, "cloud.google.com/tpu/docs/v5e: 197 TFLOPs bf16 per chip"),
+    "TPU v5p": Peak(459.0, 459.0, "cloud.google.com/tpu/docs/v5p: 459 TFLOPs bf16 per chip"),
+    "TPU v6e": Peak(918.0, 918.0, "cloud.google.com/tpu/docs/v6e: 918 TFLOPs bf16 per chip"),
+}
+# Device.device_kind -> PEAKS key: the first whose pattern occurs in the kind wins
+# ("NVIDIA H100 80GB HBM3" is the SXM part; v5p devices call themselves "TPU v5").
+_KIND_PATTERNS = (("H100 PCIe", "H100 PCIe"), ("H100 NVL", "H100 NVL"), ("H100", "H100 SXM"),
+                  ("H200 NVL", "H200 NVL"), ("H200", "H200"), ("A100", "A100"),
+                  ("TPU v4", "TPU v4"), ("TPU v5 lite", "TPU v5e"), ("TPU v5e", "TPU v5e"),
+                  ("TPU v5", "TPU v5p"), ("TPU v6", "TPU v6e"))
+
+
+def peak_tflops(device_kind: str, dtype: str = "bfloat16") -> float | None:
+  """The peak TFLOP/s of one device of `device_kind` (`jax.Device.device_kind`) for
+  matmuls in `dtype` (the model's compute dtype); None where the kind is not in PEAKS
+  (CPUs, other GPUs)."""
+  for pattern, key in _KIND_PATTERNS:
+    if pattern in device_kind:
+      return PEAKS[key].bf16 if dtype == "bfloat16" else PEAKS[key].fp32
+  return None
 
 
 # ---------------------------------------------------------------------------------------

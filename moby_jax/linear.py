@@ -11,12 +11,13 @@ import time
 import jax
 import numpy as np
 
-from moby_jax import checkpoint, evaluate, files, optim, parallel, preemption
+from moby_jax import checkpoint, evaluate, files, goodput, monitor, optim, parallel, \
+    preemption
 from moby_jax.data import loader as loaders
 from moby_jax.data.sources import build_source
 from moby_jax.logger import MetricLogger
-from moby_jax.loop import BadFiles, eval_batch, is_main, name_unreadable, run_loop, say, \
-    stop_summary, sync_num_examples
+from moby_jax.loop import BadFiles, end_session, eval_batch, is_main, name_unreadable, \
+    run_loop, say, stop_summary, sync_num_examples
 from moby_jax.models import build_encoder
 
 
@@ -46,6 +47,7 @@ def linear_eval(config, workdir, mesh=None) -> dict:
 
 
 def _linear_eval(config, workdir, mesh) -> dict:
+  clock = goodput.Clock()  # from the process start when train.py marked it
   started = time.perf_counter()
   if stopped := stop_summary("start-up"):
     return stopped
@@ -66,7 +68,9 @@ def _linear_eval(config, workdir, mesh) -> dict:
                      f"{config.eval.every_epochs}")
   build_encoder(config.model)
   encoder = _load_encoder(config)
-  result = linear_run(config, encoder, mesh, source, val_source, files.path(workdir))
+  result = linear_run(config, encoder, mesh, source, val_source, files.path(workdir),
+                      session=goodput.Session(clock, workdir, is_main()),
+                      profiler=monitor.Profiler(config, workdir, say, clock))
   result["seconds"] = round(time.perf_counter() - started, 1)
   if is_main() and not result["preempted"]:
     (files.path(workdir) / "results.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -75,11 +79,12 @@ def _linear_eval(config, workdir, mesh) -> dict:
 
 
 def linear_run(config, encoder_variables, mesh, source, val_source, workdir,
-                fns=None) -> dict:
+               fns=None, session=None, profiler=None) -> dict:
   """Trains the linear head (resuming from WORKDIR's checkpoints) and evaluates it on
   `val_source` (None: no evaluation) every eval.every_epochs epochs and after the last.
   As the released code reports: `top1`, `top5` of the last evaluation, `best_top1` and
-  its `best_epoch`. `fns`: (step, eval) functions of `config` to reuse."""
+  its `best_epoch`. `fns`: (step, eval) functions of `config` to reuse. With a `session`
+  (goodput.Session), the result has `goodput`; `profiler`: monitor.Profiler."""
   workdir = files.path(workdir)
   if config.data.batch_size % mesh.size:
     raise ValueError(f"data.batch_size ({config.data.batch_size}) must be divisible by the "
@@ -107,7 +112,7 @@ def linear_run(config, encoder_variables, mesh, source, val_source, workdir,
     history = data_state.get("val", [])
     say(f"resumed linear evaluation at step {step}")
   logger = MetricLogger(workdir, total, config.train.steps_per_epoch, config.data.batch_size,
-                        unit="images")
+                        unit="images", clock=session.clock if session else None)
   bad_files = BadFiles(source)
   last = {}
 
@@ -128,15 +133,20 @@ def linear_run(config, encoder_variables, mesh, source, val_source, workdir,
   state, preempted = run_loop(config=config, mesh=mesh, loader=loader, state=state,
                               step_fn=step_fn, ckpt=ckpt, logger=logger, bad_files=bad_files,
                               unit_metrics=("image", "label"), on_epoch_end=on_epoch_end,
-                              progress=lambda: {"val": history})
+                              progress=lambda: {"val": history}, session=session,
+                              profiler=profiler)
   ckpt.close()
   result = dict(step=int(jax.device_get(state.step)), preempted=preempted,
                 skipped_files=bad_files.count)
   if not preempted and val_source is not None:
     if not last:  # validated only at the end, or resumed after the last epoch
+      if session:
+        session.clock.set_base("evaluation")
       validate(state, config.train.epochs)
     best = max(history, key=lambda h: h[1])
     result.update(last, best_top1=best[1], best_epoch=best[0])
+  if session:
+    result["goodput"] = end_session(session, logger, result["step"], finished=not preempted)
   logger.close()
   return result
 

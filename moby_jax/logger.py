@@ -6,20 +6,37 @@ import time
 
 import jax
 
-from moby_jax import files
+from moby_jax import files, monitor
+
+# Parts of a session's clock (moby_jax.goodput) that are not training: left out of the
+# window a log line's rates are measured over.
+_NOT_TRAINING = ("startup", "checkpoint", "evaluation", "profiling")
 
 
 class MetricLogger:
-  """Prints `step/total epoch loss lr ... pairs/s data% ETA` lines and writes every scalar
-  to TensorBoard (`WORKDIR/tensorboard`) and, one JSON object per line, to
-  `WORKDIR/metrics.jsonl`."""
+  """Prints `step/total epoch loss lr ... pairs/s data% MFU memory ETA` lines and writes
+  every scalar to TensorBoard (`WORKDIR/tensorboard`) and, one JSON object per line, to
+  `WORKDIR/metrics.jsonl`.
+
+  Rates are over the training time since the last log line: with a `clock`
+  (goodput.Clock), the seconds it charged to start-up (the first step's compile),
+  checkpoints, evaluation and profiling are left out. With `flops_per_step`
+  (costs.step_flops, the step over all devices) each line has `tflops_per_device` and,
+  with `peak_tflops` (per device), `mfu`. Device and host memory
+  (monitor.memory_metrics) are in every line's metrics.
+  """
 
   def __init__(self, workdir, total_steps: int, steps_per_epoch: int, batch_size: int,
-               unit: str = "pairs"):
+               unit: str = "pairs", *, clock=None, flops_per_step: float | None = None,
+               peak_tflops: float | None = None):
     self.total_steps = total_steps
     self.steps_per_epoch = steps_per_epoch
     self.batch_size = batch_size
     self.unit = unit
+    self.clock = clock
+    self.flops_per_device_step = (None if flops_per_step is None
+                                  else flops_per_step / jax.device_count())
+    self.peak_tflops = peak_tflops
     self.main = jax.process_index() == 0
     self.writer = self.jsonl = None
     if self.main:
@@ -27,8 +44,15 @@ class MetricLogger:
       self.jsonl = files.AppendFile(files.path(workdir) / "metrics.jsonl")
     self._reset(time.perf_counter())
 
+  def _not_training(self) -> float:
+    if self.clock is None:
+      return 0.0
+    seconds = self.clock.snapshot()
+    return sum(seconds[part] for part in _NOT_TRAINING)
+
   def _reset(self, now: float) -> None:
     self._window_start, self._window_steps, self._data_seconds = now, 0, 0.0
+    self._window_other = self._not_training()
 
   def record_step(self, data_seconds: float) -> None:
     """Counts one step and the seconds it waited for its batch."""
@@ -46,17 +70,32 @@ class MetricLogger:
   def log(self, step: int, metrics: dict) -> None:
     """Prints a progress line for the steps since the last call and writes the scalars."""
     now = time.perf_counter()
-    elapsed = max(now - self._window_start, 1e-9)
+    other = self._not_training() - self._window_other
+    elapsed = max(now - self._window_start - other, 1e-9)
     steps_per_s = self._window_steps / elapsed
     extra = {f"{self.unit}_per_s": steps_per_s * self.batch_size,
              "data_wait": self._data_seconds / elapsed}
-    self.scalars(step, {**metrics, **extra})
+    if self.flops_per_device_step is not None:
+      extra["tflops_per_device"] = self.flops_per_device_step * steps_per_s / 1e12
+      if self.peak_tflops:
+        extra["mfu"] = extra["tflops_per_device"] / self.peak_tflops
+    memory = monitor.memory_metrics()
+    self.scalars(step, {**metrics, **extra, **memory})
     if self.main:
       eta = (self.total_steps - step) / steps_per_s if steps_per_s > 0 else math.inf
       parts = [f"step {step}/{self.total_steps}", f"epoch {step / self.steps_per_epoch:.2f}"]
       parts += [f"{k} {_fmt(v)}" for k, v in metrics.items()]
       parts += [f"{self.unit}/s {extra[f'{self.unit}_per_s']:.1f}",
-                f"data {100 * extra['data_wait']:.0f}%", f"ETA {_duration(eta)}"]
+                f"data {100 * extra['data_wait']:.0f}%"]
+      if "mfu" in extra:
+        parts.append(f"MFU {100 * extra['mfu']:.1f}%")
+      elif "tflops_per_device" in extra:
+        parts.append(f"TFLOP/s per device {extra['tflops_per_device']:.3g}")
+      if "device_peak_memory_gib" in memory:
+        limit = memory.get("device_memory_limit_gib")
+        parts.append(f"memory {memory['device_peak_memory_gib']:.1f}"
+                     + (f"/{limit:.1f}" if limit else "") + " GiB")
+      parts.append(f"ETA {_duration(eta)}")
       print(" | ".join(parts), flush=True)
     self._reset(now)
 

@@ -7,13 +7,14 @@ and loader and hand them to it.
 """
 
 import collections
+import contextlib
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moby_jax import optim, parallel, preemption
+from moby_jax import goodput, optim, parallel, preemption
 
 
 def is_main() -> bool:
@@ -80,12 +81,14 @@ class TrainingDiverged(RuntimeError):
 
 
 def run_loop(*, config, mesh, loader, state, step_fn, ckpt, logger, bad_files, unit_metrics,
-              on_epoch_end=None, progress=None) -> tuple:
+              on_epoch_end=None, progress=None, session=None, profiler=None) -> tuple:
   """Steps until train.epochs are done or a stop is requested; returns (state, preempted).
 
   `on_epoch_end(state, epoch)` runs after the last step of each epoch; `progress()` gives
   JSON-able run state saved with every checkpoint next to the data position (restored
-  with it).
+  with it). `session` (goodput.Session) has the loop's time charged to its parts (the
+  first step, which compiles, to start-up) and is recorded at log steps and saves;
+  `profiler` (monitor.Profiler) traces the steps it is asked to.
 
   Nothing here waits for the devices except at log steps (metrics are fetched then) and
   checkpoint steps: the stop check is local (preemption.requested), so the host keeps
@@ -104,23 +107,36 @@ def run_loop(*, config, mesh, loader, state, step_fn, ckpt, logger, bad_files, u
   ahead = collections.deque()
   depth = max(1, config.data.device_prefetch)
 
+  def part(name: str):
+    return session.clock.part(name) if session else contextlib.nullcontext()
+
+  if session:
+    session.begin(first)
+
   def position() -> dict:
     """Where the next start continues: the batches fetched ahead are not consumed yet."""
     return {**loader.get_state(rewind=len(ahead)), **(progress() if progress else {})}
 
   def fetch() -> None:
     start = time.perf_counter()
-    batch = next(loader)
+    with part("data"):
+      batch = next(loader)
     waited = time.perf_counter() - start
     bad = batch.pop("bad")
     ahead.append((bad, parallel.to_global({k: batch[k] for k in unit_metrics}, mesh), waited))
+
+  def save(force: bool = False) -> None:
+    with part("checkpoint"):
+      saved = ckpt.save(step, state, position(), force=force)
+    if saved and session:
+      session.stepped(step, saved=True)
 
   try:
     while step < total:
       if preemption.requested():
         if step > first:
           say(f"stop requested (SIGTERM): saving step {step} and exiting")
-          ckpt.save(step, state, position(), force=True)
+          save(force=True)
         else:
           say(f"stop requested (SIGTERM) before the first step: exiting at step {step}")
         preempted = True
@@ -129,35 +145,63 @@ def run_loop(*, config, mesh, loader, state, step_fn, ckpt, logger, bad_files, u
         fetch()
       bad, batch, waited = ahead.popleft()
       bad_files.add(bad)
+      if profiler:
+        profiler.before_step(step + 1)
       state, metrics = step_fn(state, batch)
+      if session and step == first:  # the first step compiled: start-up ends here
+        session.clock.set_base("steps")
       consecutive = _count_skipped(consecutive, metrics["skipped"])
       step += 1
+      if profiler:
+        profiler.after_step(step, state)
       logger.record_step(waited)
       if step % config.train.log_every_steps == 0 or step == total:
         metrics, in_a_row = jax.device_get((metrics, consecutive))
         metrics["skipped_files"] = bad_files.sync()
         logger.log(step, metrics)
+        if session:
+          session.stepped(step)
+        if profiler:
+          profiler.at_log_step(step)
         if limit and in_a_row >= limit:
-          ckpt.save(step, state, position(), force=True)
+          save(force=True)
           raise TrainingDiverged(
               f"the last {int(in_a_row)} steps (up to step {step}) had a non-finite loss or "
               f"gradient and were skipped (train.max_consecutive_skipped_steps={limit}); "
               f"step {step} is saved: lower the learning rate or check the data")
       if on_epoch_end is not None and step % steps_per_epoch == 0:
-        on_epoch_end(state, step // steps_per_epoch)
-      ckpt.save(step, state, position())
+        with part("evaluation"):
+          on_epoch_end(state, step // steps_per_epoch)
+      save()
+    if profiler:
+      profiler.close(state)
     if not preempted:
-      ckpt.save(step, state, position(), force=True)
+      save(force=True)
     bad_files.sync()
   finally:
+    if profiler:
+      profiler.close()  # after an error: stop tracing without waiting for the state
     loader.close()
-    ckpt.wait()
+    with part("checkpoint"):
+      ckpt.wait()
+    if session:
+      session.stepped(step)
   return state, preempted
 
 
 @jax.jit
 def _count_skipped(consecutive, skipped):
   return jnp.where(skipped > 0, consecutive + 1, 0).astype(jnp.int32)
+
+
+def end_session(session, logger, step: int, finished: bool) -> dict | None:
+  """Records the session's end (goodput.finish), prints where the run's time went and
+  writes it to the metrics at `step`; returns the summary (None off process 0)."""
+  times = goodput.finish(session, finished)
+  if times is not None:
+    say(goodput.format_summary(times))
+    logger.scalars(step, goodput.scalars(times))
+  return times
 
 
 def stop_summary(what: str) -> dict | None:

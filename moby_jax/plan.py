@@ -46,9 +46,10 @@ INSTALL = "python3 -m pip install -r requirements-plan.txt"
 @dataclasses.dataclass(frozen=True)
 class Chip:
   """One TPU generation, per chip. Sources: the Cloud TPU system-architecture pages
-  (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e). Their HBM figures say GB or GiB for
-  the same number; they are taken as GiB, the compiler's unit (it reports 15.75 GiB of a
-  v5e chip's 16 as available to a program)."""
+  (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e); the peak rates are costs.PEAKS (the
+  table MFU uses). The pages' HBM figures say GB or GiB for the same number; they are
+  taken as GiB, the compiler's unit (it reports 15.75 GiB of a v5e chip's 16 as available
+  to a program)."""
   peak_bf16_tflops: float
   hbm_gib: float
   ici_gbytes_per_s: float | None   # bidirectional inter-chip interconnect; None: not given
@@ -59,10 +60,10 @@ class Chip:
 
 CHIPS = {
     # v4: 2 TensorCores per chip; libtpu describes each as a device (no megacore).
-    "v4": Chip(275, 32, None, 2, 3, "cores"),
-    "v5e": Chip(197, 16, 400, 1, 2, "chips"),
-    "v5p": Chip(459, 95, 1200, 1, 3, "cores"),
-    "v6e": Chip(918, 32, 800, 1, 2, "chips"),
+    "v4": Chip(costs.PEAKS["TPU v4"].bf16, 32, None, 2, 3, "cores"),
+    "v5e": Chip(costs.PEAKS["TPU v5e"].bf16, 16, 400, 1, 2, "chips"),
+    "v5p": Chip(costs.PEAKS["TPU v5p"].bf16, 95, 1200, 1, 3, "cores"),
+    "v6e": Chip(costs.PEAKS["TPU v6e"].bf16, 32, 800, 1, 2, "chips"),
 }
 # Accelerator-type prefixes (`gcloud compute tpus tpu-vm create --accelerator-type`).
 TYPE_PREFIXES = {"v4": "v4", "v5e": "v5e", "v5litepod": "v5e", "v5p": "v5p", "v6e": "v6e"}

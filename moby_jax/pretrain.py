@@ -5,7 +5,9 @@ checks the config and the data before compiling anything, resumes from the lates
 complete checkpoint in the workdir, saves every `train.checkpoint_every_steps` steps and
 at the end, and on SIGTERM saves at the next step and returns (train.py then exits 0).
 With eval.enabled it then evaluates the encoder (kNN and the linear probe of
-`moby_jax.linear`), exports the `.pth` and writes results.json.
+`moby_jax.linear`) and exports the `.pth`. A finished run writes results.json, with where
+its time went over all its starts (moby_jax.goodput). Log lines carry MFU (the step's
+FLOPs from costs.step_flops, the planner's count) and memory (moby_jax.monitor).
 """
 
 import json
@@ -14,14 +16,15 @@ import time
 import jax
 import numpy as np
 
-from moby_jax import checkpoint, evaluate, files, linear, optim, parallel, preemption
+from moby_jax import checkpoint, costs, evaluate, files, goodput, linear, monitor, optim, \
+    parallel, preemption
 from moby_jax import run as run_lib
 from moby_jax.data import loader as loaders
 from moby_jax.data import sources
 from moby_jax.data.sources import build_source
 from moby_jax.logger import MetricLogger
-from moby_jax.loop import BadFiles, eval_batch, is_main, name_unreadable, run_loop, say, \
-    stop_summary, sync_num_examples
+from moby_jax.loop import BadFiles, end_session, eval_batch, is_main, name_unreadable, \
+    run_loop, say, stop_summary, sync_num_examples
 from moby_jax.run import Pretraining
 
 
@@ -30,14 +33,15 @@ def pretrain(config, workdir, mesh=None) -> dict:
   a summary dict (`preempted` True when a SIGTERM stopped it: the next call resumes).
 
   With eval.enabled, evaluates the pre-trained online encoder and the same encoder at
-  initialisation (kNN and linear probe), exports it as WORKDIR/moby_official.pth and
-  writes WORKDIR/results.json.
+  initialisation (kNN and linear probe) and exports it as WORKDIR/moby_official.pth.
+  A finished run writes WORKDIR/results.json (the goodput summary, and the evaluation).
   """
   with preemption.handling():
     return _pretrain(config, workdir, mesh)
 
 
 def _pretrain(config, workdir, mesh) -> dict:
+  clock = goodput.Clock()  # from the process start when train.py marked it
   started = time.perf_counter()
   if stopped := stop_summary("start-up"):
     return stopped
@@ -50,6 +54,7 @@ def _pretrain(config, workdir, mesh) -> dict:
   val_source = build_source(config.data, "val") if _needs_val(config) else None
   sync_num_examples(config, source)
   run = Pretraining(config, mesh)  # checks the config; compiles nothing yet
+  profiler = monitor.Profiler(config, workdir, say, clock)
   checkpoint.save_config(workdir, config)
 
   total = optim.total_steps(config)
@@ -71,12 +76,15 @@ def _pretrain(config, workdir, mesh) -> dict:
     loader.set_state(data_state)
     say(f"resumed from {workdir / checkpoint.CHECKPOINTS / str(step)} (step {step})")
   logger = MetricLogger(workdir, total, config.train.steps_per_epoch,
-                        config.data.batch_size, unit="pairs")
+                        config.data.batch_size, unit="pairs", clock=clock,
+                        flops_per_step=costs.step_flops(config),
+                        peak_tflops=peak_tflops(config))
+  session = goodput.Session(clock, workdir, is_main())
   bad_files = BadFiles(source)
 
   knn_monitor = None if val_source is None else KnnMonitor(config, mesh, source, val_source)
 
-  def monitor(state, epoch):
+  def monitor_knn(state, epoch):
     """The kNN monitor, every eval.knn_every_epochs epochs and after the last."""
     if epoch % config.eval.knn_every_epochs == 0 or epoch == config.train.epochs:
       result = knn_monitor(state.encoder())
@@ -86,51 +94,83 @@ def _pretrain(config, workdir, mesh) -> dict:
   state, preempted = run_loop(config=config, mesh=mesh, loader=loader, state=state,
                               step_fn=run.step, ckpt=ckpt, logger=logger, bad_files=bad_files,
                               unit_metrics=("view1", "view2"),
-                              on_epoch_end=monitor if config.eval.knn_every_epochs else None)
-  ckpt.close()
-  logger.close()
+                              on_epoch_end=monitor_knn if config.eval.knn_every_epochs else None,
+                              session=session, profiler=profiler)
+  with clock.part("checkpoint"):
+    ckpt.close()
   summary = dict(step=int(jax.device_get(state.step)), preempted=preempted,
                  skipped_files=bad_files.count,
                  skipped_steps=int(jax.device_get(state.skipped_steps)))
-  if preempted or not config.eval.enabled:
+  results = {}
+  if not preempted and config.eval.enabled:
+    clock.set_base("evaluation")
+    results = _evaluate(config, run, state, initial_encoder, knn_monitor,
+                        (source, val_source), workdir, clock)
+    summary["preempted"] = results is None
+  times = end_session(session, logger, summary["step"], finished=not summary["preempted"])
+  logger.close()
+  if summary["preempted"]:
     return summary
-  if stop_summary("the final evaluation"):  # the next start resumes at the end and evaluates
-    return dict(summary, preempted=True)
+  results = dict(pretrain_steps=summary["step"], **(results or {}),
+                 skipped_files=bad_files.count, goodput=times,
+                 seconds=round(time.perf_counter() - started, 1))
+  if is_main():
+    (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+  if config.eval.enabled:
+    say(json.dumps(results, indent=2))
+  return {**summary, **results}
 
-  results = dict(pretrain_steps=summary["step"])
+
+def _evaluate(config, run, state, initial_encoder, knn_monitor, sources, workdir,
+              clock) -> dict | None:
+  """eval.enabled after pre-training: kNN and linear probe of the pre-trained encoder and
+  of the encoder at initialisation, and the .pth export; None when a stop was requested
+  (the next start resumes at the end and evaluates)."""
+  if stop_summary("the final evaluation"):
+    return None
+  mesh, (train_source, val_source) = run.mesh, sources
   if initial_encoder is None:  # resumed: the initialisation is a function of the seed
     initial_encoder = initial_state(run).encoder()
-  probe_config = run_lib.probe_config(config, source.num_classes)
+  probe_config = run_lib.probe_config(config, train_source.num_classes)
   probe_fns = (evaluate.make_linear_step(probe_config, mesh),
                evaluate.make_linear_eval(probe_config, mesh))
-  unreadable = set()
+  results, unreadable = {}, set()
   for suffix, variables in (("", state.encoder()), ("_init", initial_encoder)):
     what = "pre-trained" if not suffix else "initial"
     if stop_summary(f"evaluating the {what} encoder"):
-      return dict(summary, preempted=True)
+      return None
     knn = knn_monitor(variables)
     unreadable.update(knn["unreadable"])
     results[f"knn_top1{suffix}"], results[f"knn_top5{suffix}"] = knn["top1"], knn["top5"]
     say(f"kNN ({what} encoder): top-1 {knn['top1']:.2f}%, top-5 {knn['top5']:.2f}%")
-    probe = linear.linear_run(probe_config, variables, mesh, source, val_source,
+    probe = linear.linear_run(probe_config, variables, mesh, train_source, val_source,
                               workdir / f"linear{suffix or '_pretrained'}", probe_fns)
     if probe["preempted"]:
-      return dict(summary, preempted=True)
+      return None
     results[f"linear_top1{suffix}"], results[f"linear_top5{suffix}"] = (
         probe["top1"], probe["top5"])
     unreadable.update(probe["unreadable_val"])
     say(f"linear probe ({what} encoder): top-1 {probe['top1']:.2f}%, "
         f"top-5 {probe['top5']:.2f}%")
-  results["pth"] = str(_export(state, config, mesh, workdir))
-  results["skipped_files"] = bad_files.count
+  with clock.part("checkpoint"):
+    results["pth"] = str(_export(state, config, mesh, workdir))
   # Evaluation leaves unreadable examples out of every metric (never substitutes them).
   results["val_examples"] = knn["val_examples"]
   results["unreadable_eval_files"] = sorted(unreadable)
-  results["seconds"] = round(time.perf_counter() - started, 1)
-  if is_main():
-    (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-  say(json.dumps(results, indent=2))
-  return {**summary, **results}
+  return results
+
+
+def peak_tflops(config) -> float | None:
+  """The peak TFLOP/s of one device for MFU: train.peak_tflops when set, else the table's
+  (costs.PEAKS) for the devices' kind and model.dtype; None (said once) when unknown."""
+  if config.train.peak_tflops:
+    return float(config.train.peak_tflops)
+  kind = jax.devices()[0].device_kind
+  peak = costs.peak_tflops(kind, config.model.dtype)
+  if peak is None:
+    say(f"MFU: the peak rate of {kind!r} devices is not known, so MFU is not logged "
+        "(TFLOP/s per device is); set --config.train.peak_tflops (per device) to log it")
+  return peak
 
 
 def initial_state(run: Pretraining):

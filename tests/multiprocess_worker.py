@@ -82,6 +82,7 @@ def record_syncs():
       dispatched[0] += 1
       print(f"dispatched {dispatched[0]}", flush=True)
       return step_fn(state, batch)
+    counted.jitted = step_fn.jitted  # lowered for the FLOP count (costs.step_flops)
     return counted
 
   def counting(module, name):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import linear_swin_tiny, moby_swin_tiny
-from moby_jax import checkpoint, linear, loop, parallel, pretrain, run
+from moby_jax import checkpoint, costs, goodput, linear, logger, loop, parallel, pretrain, run
 from test_data import write_folder
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -82,6 +82,99 @@ def test_same_seed_same_losses_and_device_count_does_not_matter(folder, referenc
   on_four = losses(tmp_path / "four")
   np.testing.assert_allclose([on_four[s] for s in range(1, 6)],
                              [first[s] for s in range(1, 6)], rtol=1e-5)
+
+
+def metric_lines(workdir) -> list[dict]:
+  lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+  return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+def assert_goodput_adds_up(times: dict, wall: float) -> None:
+  """The parts add up to the run's wall time, which is the `wall` measured outside
+  within 5%."""
+  parts = sum(times[p] for p in (*goodput.PARTS, "redone"))
+  assert parts == pytest.approx(times["wall"], rel=1e-6)
+  assert times["wall"] == pytest.approx(wall, rel=0.05), (times, wall)
+  assert times["startup"] > 0 and times["steps"] > 0
+  assert times["goodput"] == pytest.approx(times["steps"] / times["wall"])
+
+
+def test_profiled_run_leaves_traces_and_logs_the_same_losses_with_mfu_and_goodput(
+    folder, reference_run, tmp_path):
+  """train.profile_steps, and a PROFILE file found in the workdir at a log step, each
+  leave a trace of their steps under WORKDIR/profile; tracing changes no loss. With
+  train.peak_tflops each log line has MFU: the step's FLOPs (the planner's count) at the
+  measured rate over the peak. Host memory is in every line; results.json has where the
+  time went."""
+  reference_dir, _ = reference_run
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "PROFILE").touch()  # found at the first log step: traces steps 2 and 3
+  config = tiny_config(folder, profile_steps=(6, 2), profile_on_demand_steps=2,
+                       peak_tflops=2.0)
+  started = time.time()
+  summary = pretrain.pretrain(config, workdir, mesh=one_device())
+  wall = time.time() - started
+  assert losses(workdir) == losses(reference_dir)
+  assert not (workdir / "PROFILE").exists()
+  traces = sorted((workdir / "profile").glob("*/plugins/profile/*/perfetto_trace.json.gz"))
+  assert [t.parts[-5] for t in traces] == ["steps_2-3", "steps_6-7"]
+  import gzip
+  for trace in traces:
+    events = json.load(gzip.open(trace))["traceEvents"]
+    assert any(e.get("name") == "PjitFunction(train_step)" for e in events)
+    assert sum(e.get("ph") == "X" for e in events) > 100  # the step's XLA operations
+
+  flops = costs.step_flops(config) / jax.device_count()
+  lines = metric_lines(workdir)
+  assert [r["step"] for r in lines] == list(range(1, 10))
+  for r in lines:
+    rate = r["pairs_per_s"] / config.data.batch_size  # steps per second
+    assert r["tflops_per_device"] == pytest.approx(flops * rate / 1e12, rel=1e-6)
+    assert r["mfu"] == pytest.approx(r["tflops_per_device"] / 2.0, rel=1e-6)
+    assert 0 < r["mfu"] < 1
+    assert r["host_rss_gib"] > 0.1
+  # Untraced, on CPUs (no known peak): the rate in FLOPs, no MFU.
+  reference = metric_lines(reference_dir)
+  assert all("tflops_per_device" in r and "mfu" not in r for r in reference)
+
+  results = json.loads((workdir / "results.json").read_text())
+  assert results["goodput"] == summary["goodput"]
+  assert_goodput_adds_up(results["goodput"], wall)
+  assert results["goodput"]["profiling"] > 0 and results["goodput"]["sessions"] == 1
+  final = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
+  assert final["step"] == 9 and final["goodput"] == pytest.approx(results["goodput"]["goodput"])
+
+
+def test_goodput_counts_the_steps_redone_after_a_crash(folder, tmp_path, monkeypatch):
+  """A start that dies at step 5 (an error, after its checkpoint at step 3) is resumed
+  at step 3: the time it spent on steps 4 and 5 is counted as redone, and the parts of
+  both starts still add up to their wall time."""
+  workdir = tmp_path / "run"
+  log = logger.MetricLogger.log
+
+  def crash_at_step_5(self, step, metrics):
+    log(self, step, metrics)
+    if step == 5:
+      raise RuntimeError("simulated crash")
+
+  monkeypatch.setattr(logger.MetricLogger, "log", crash_at_step_5)
+  started = time.time()
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    pretrain.pretrain(tiny_config(folder, checkpoint_every_steps=3), workdir,
+                      mesh=one_device())
+  monkeypatch.undo()
+  first = json.loads((workdir / goodput.FOLDER / "session_000.json").read_text())
+  assert (first["first_step"], first["last_step"], list(first["at_saves"])) == (0, 5, ["3"])
+  summary = pretrain.pretrain(tiny_config(folder, checkpoint_every_steps=3), workdir,
+                              mesh=one_device())
+  wall = time.time() - started
+  assert summary["step"] == 9
+  times = summary["goodput"]
+  assert times["sessions"] == 2
+  redone = sum(first["at_last_step"]) - sum(first["at_saves"]["3"])
+  assert redone > 0 and times["redone"] == pytest.approx(redone)
+  assert_goodput_adds_up(times, wall)
 
 
 def _sigterm_after(workdir: pathlib.Path, step: int) -> threading.Thread:

@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -24,6 +25,7 @@ def run(workdir, *extra, timeout=900):
 
 def test_short_quickstart_writes_results_and_resumes_after_sigterm(tmp_path):
   workdir = tmp_path / "run"
+  started = time.time()
   proc = subprocess.Popen([*COMMAND, "--workdir", str(workdir), *SHORT], cwd=ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   output = []
@@ -32,10 +34,14 @@ def test_short_quickstart_writes_results_and_resumes_after_sigterm(tmp_path):
     if line.startswith("step 2/"):
       proc.send_signal(signal.SIGTERM)
   assert proc.wait(timeout=900) == 0, "".join(output)  # preemption is not a failure
+  wall = time.time() - started
   assert "stop requested (SIGTERM)" in "".join(output)
+  assert "time: " in "".join(output) and "over 1 start(s)" in "".join(output)
   assert not (workdir / "results.json").exists()
 
+  started = time.time()
   result = run(workdir, *SHORT)
+  wall += time.time() - started
   assert result.returncode == 0, result.stdout + result.stderr
   assert "resumed from" in result.stdout
   results = json.loads((workdir / "results.json").read_text())
@@ -51,6 +57,15 @@ def test_short_quickstart_writes_results_and_resumes_after_sigterm(tmp_path):
   assert (workdir / "moby_official.pth").is_file()
   assert list((workdir / "tensorboard").iterdir())
   assert (workdir / "config.json").is_file()
+  # Where the time of both processes went, from the moment train.py started: the parts
+  # add up to the wall time measured here within 5%.
+  times = results["goodput"]
+  assert times["sessions"] == 2 and "over 2 start(s)" in result.stdout
+  parts = sum(times[p] for p in ("startup", "steps", "data", "checkpoint", "evaluation",
+                                 "profiling", "redone"))
+  assert parts == pytest.approx(times["wall"], rel=1e-6)
+  assert times["wall"] == pytest.approx(wall, rel=0.05), (times, wall)
+  assert times["evaluation"] > 0 and times["redone"] == 0  # SIGTERM saved its last step
 
 
 @pytest.mark.slow
