@@ -46,7 +46,7 @@ def get_config(arg: str | None = None, model=None) -> ml_collections.ConfigDict:
   # Top-1/top-5 on val every `every_epochs` epochs and after the last (0: after the last
   # only); results.json reports the last and the best, as the released code does.
   c.eval = ml_collections.ConfigDict(dict(enabled=True, every_epochs=1))
-  c.parallel = ml_collections.ConfigDict(dict(fsdp=False))
+  c.parallel = ml_collections.ConfigDict(dict(fsdp=False, fsdp_group=0))
   if "runlocal" in args:
     c.train.update(epochs=2, warmup_epochs=1, log_every_steps=10, checkpoint_every_steps=100)
     c.linear.num_classes = 0

@@ -122,8 +122,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # expects float32 normalised views from the host.
   c.augment = ml_collections.ConfigDict(dict(on_device=True))
 
-  # fsdp=True shards params, target params and optimizer state over the data axis.
-  c.parallel = ml_collections.ConfigDict(dict(fsdp=False))
+  # fsdp=True shards params, target params and optimizer state over the data axis;
+  # fsdp_group=k (with fsdp) over groups of k devices instead, replicated across groups (a
+  # data x fsdp mesh; 0: one group of all devices).
+  c.parallel = ml_collections.ConfigDict(dict(fsdp=False, fsdp_group=0))
 
   if "runlocal" in args:
     c.model.update(name="swin_mu", img_size=32, window_size=4, dtype="float32")

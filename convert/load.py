@@ -139,7 +139,7 @@ def from_pytorch(checkpoint, config, fmt: str = "auto", step: int = 0,
   if fmt == "official":
     return moby_convert.to_state(sd, config, step, mesh)
   variables = _encoder(sd, fmt, build_encoder(config.model), "online", what)
-  mesh = parallel.make_mesh() if mesh is None else mesh
+  mesh = parallel.mesh_for(config) if mesh is None else mesh
   run = Pretraining(config, mesh)
   state = run.init_state(jax.random.key(config.train.seed))
   state = moby_convert.with_encoder(state, variables).replace(step=np.asarray(step, np.int32))

@@ -142,6 +142,8 @@ def load_state(path, step: int | None = None, mesh=None):
   if "parallel" in config:
     with config.unlocked():
       config.parallel.fsdp = False  # restore replicated, whatever the run used
+      if "fsdp_group" in config.parallel:
+        config.parallel.fsdp_group = 0
   ckpt = Checkpointer(workdir, config, every_steps=0, keep=None, async_save=False)
   try:
     restored = ckpt.restore(abstract_target(config, mesh), step)

@@ -3,6 +3,10 @@
 One `data` axis over every device of every process. The batch is split along it; the
 state is replicated, or (config.parallel.fsdp) its params, target params and optimizer
 state are sharded along the same axis, ZeRO-3 style, and XLA gathers them where needed.
+With `parallel.fsdp_group=k` (1 < k < devices) the mesh is 2-D, `data` x `fsdp` (k
+consecutive devices per group: a host's GPUs, neighbouring TPU chips): the batch is split
+over both axes, the state is sharded within each group and replicated across groups, so
+gathers stay within a group and only the gradient shards are reduced across them.
 Because the train step is written for the global batch, BatchNorm statistics and the
 key enqueue span all devices without hand-written collectives.
 """
@@ -14,6 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA = "data"
+FSDP = "fsdp"
 # Leaves smaller than this stay replicated under FSDP: sharding them saves nothing.
 FSDP_MIN_SIZE = 2 ** 12
 
@@ -103,15 +108,33 @@ def check_deterministic(config) -> None:
                      "call moby_jax.parallel.use_deterministic_ops() first)")
 
 
-def make_mesh(devices=None) -> Mesh:
-  """A 1-D mesh with axis `data` over `devices` (default: all devices of all processes)."""
+def make_mesh(devices=None, fsdp_group: int = 0) -> Mesh:
+  """The mesh over `devices` (default: all devices of all processes): 1-D, axis `data`;
+  or, with 1 < `fsdp_group` < the device count (config.parallel.fsdp_group), 2-D
+  `data` x `fsdp` with groups of `fsdp_group` consecutive devices."""
   devices = jax.devices() if devices is None else list(devices)
+  n = len(devices)
+  if fsdp_group < 0 or (fsdp_group > 1 and n % fsdp_group):
+    raise ValueError(f"parallel.fsdp_group ({fsdp_group}) must divide the number of "
+                     f"devices ({n}) (0: FSDP over all of them)")
+  if 1 < fsdp_group < n:
+    return Mesh(np.asarray(devices).reshape(n // fsdp_group, fsdp_group), (DATA, FSDP))
   return Mesh(np.asarray(devices), (DATA,))
 
 
+def mesh_for(config, devices=None) -> Mesh:
+  """`make_mesh` for a run of `config` (its parallel.fsdp_group)."""
+  return make_mesh(devices, fsdp_group=fsdp_group(config))
+
+
+def fsdp_group(config) -> int:
+  """config.parallel.fsdp_group (0 in configs saved before the field existed)."""
+  return int(config.parallel.get("fsdp_group", 0))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis split over `data`."""
-  return NamedSharding(mesh, P(DATA))
+  """Leading (batch) axis split over every device (`data`, or `data` x `fsdp`)."""
+  return NamedSharding(mesh, P(DATA) if FSDP not in mesh.axis_names else P((DATA, FSDP)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -119,15 +142,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def fsdp_sharding(leaf, mesh: Mesh) -> NamedSharding:
-  """Shards the largest axis of `leaf` that the mesh size divides; small leaves replicate."""
-  n = mesh.shape[DATA]
+  """Shards the largest axis of `leaf` that the FSDP axis (`fsdp` on a 2-D mesh, else
+  `data`) divides; small leaves replicate."""
+  name = FSDP if FSDP in mesh.axis_names else DATA
+  n = mesh.shape[name]
   shape = tuple(leaf.shape)
   if n == 1 or int(np.prod(shape, dtype=np.int64)) < FSDP_MIN_SIZE:
     return replicated(mesh)
   for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
     if shape[axis] % n == 0:
       spec = [None] * len(shape)
-      spec[axis] = DATA
+      spec[axis] = name
       return NamedSharding(mesh, P(*spec))
   return replicated(mesh)
 

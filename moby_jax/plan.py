@@ -233,7 +233,7 @@ def plan(config, topology: str | Topology, *, num_classes: int | None = None) ->
   from moby_jax.run import Pretraining, probe_config
   topology = parse_topology(topology) if isinstance(topology, str) else topology
   devices = topology_devices(topology)
-  mesh = parallel.make_mesh(devices)
+  mesh = parallel.mesh_for(config, devices)
   n = mesh.size
   if config.task != "moby":
     raise ValueError(f"the planner plans MoBY pre-training (config.task='moby'), got "
@@ -247,6 +247,7 @@ def plan(config, topology: str | Topology, *, num_classes: int | None = None) ->
       device_kind=devices[0].device_kind, model=config.model.name,
       img_size=config.model.img_size, dtype=config.model.dtype, global_batch=batch,
       per_device_batch=batch // n, fsdp=bool(config.parallel.fsdp),
+      mesh={name: int(size) for name, size in mesh.shape.items()},
       views_in_scan=bool(config.train.views_in_scan), chip=dataclasses.asdict(topology.chip),
       programs={})
 
@@ -304,7 +305,7 @@ def max_batch(config, topology: str | Topology, *, say=print) -> int | None:
   None when not even the smallest does. Each try is printed."""
   from moby_jax.run import Pretraining
   topology = parse_topology(topology) if isinstance(topology, str) else topology
-  mesh = parallel.make_mesh(topology_devices(topology))
+  mesh = parallel.mesh_for(config, topology_devices(topology))
   n, queue = mesh.size, config.moby.queue_size
   candidates = [b for b in range(n, queue + 1, n) if queue % b == 0]
   if not candidates:
@@ -382,7 +383,8 @@ def format_report(report: dict) -> str:
       f"({report['libtpu_topology']}: {report['chips']} chips, {report['devices']} "
       f"devices, {report['device_kind']})",
       f"  per-device batch {report['per_device_batch']}, FSDP "
-      f"{'on' if report['fsdp'] else 'off'}, views "
+      f"{'on' if report['fsdp'] else 'off'}, mesh "
+      f"{' x '.join(f'{k} {v}' for k, v in report['mesh'].items())}, views "
       f"{'in a scan' if report['views_in_scan'] else 'as one batch'}"]
   flops = report["flops"]
   lines += [

@@ -46,7 +46,7 @@ def _pretrain(config, workdir, mesh) -> dict:
   if stopped := stop_summary("start-up"):
     return stopped
   workdir = files.path(workdir)
-  mesh = parallel.make_mesh() if mesh is None else mesh
+  mesh = parallel.mesh_for(config) if mesh is None else mesh
   # Everything that can be wrong with the config or the data fails here, before compiling.
   parallel.check_deterministic(config)
   loaders.check_config(config.data)

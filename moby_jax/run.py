@@ -50,8 +50,9 @@ class Pretraining:
 
   def __init__(self, config, mesh: Mesh | None = None):
     self.config = config
-    self.mesh = parallel.make_mesh() if mesh is None else mesh
+    self.mesh = parallel.mesh_for(config) if mesh is None else mesh
     train_step.check_config(config, self.mesh.size)
+    check_mesh(config, self.mesh)
     if config.eval.enabled:  # the probe runs only after pre-training: check it first
       check_probe(config, self.mesh.size)
     self.online, self.target = build_branches(config)
@@ -115,6 +116,19 @@ def create_train_state(config, rng: jax.Array, mesh: Mesh | None = None) -> Trai
   return Pretraining(config, mesh).init_state(rng)
 
 
+def check_mesh(config, mesh: Mesh) -> None:
+  """Raises ValueError when `mesh` is not the one parallel.fsdp_group asks for."""
+  group = parallel.fsdp_group(config)
+  if group and not config.parallel.fsdp:
+    raise ValueError(f"parallel.fsdp_group ({group}) shards the state within groups of "
+                     "devices: it needs parallel.fsdp=True")
+  want = group if 1 < group < mesh.size else None
+  if mesh.shape.get(parallel.FSDP) != want:
+    raise ValueError(f"parallel.fsdp_group={group} needs a "
+                     f"{'data x fsdp' if want else '1-D data'} mesh, got {dict(mesh.shape)}: "
+                     "build it with moby_jax.parallel.mesh_for(config, devices)")
+
+
 def check_probe(config, num_devices: int) -> None:
   """Raises ValueError naming the eval.linear.* field that cannot work, before pre-training
   (the probe of eval.enabled runs only after it)."""
@@ -151,4 +165,4 @@ def probe_config(config, num_classes: int) -> ml_collections.ConfigDict:
                  warmup_epochs=probe.warmup_epochs, log_every_steps=10 ** 9,
                  checkpoint_every_steps=0,
                  steps_per_epoch=config.data.num_train_examples // probe.batch_size),
-      eval=dict(enabled=True, every_epochs=0), parallel=dict(fsdp=False)))
+      eval=dict(enabled=True, every_epochs=0), parallel=dict(fsdp=False, fsdp_group=0)))

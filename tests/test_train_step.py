@@ -279,19 +279,26 @@ def assert_states_equal(a, b, config, tol=1e-5, atol=0.0):
 
 def test_eight_devices_equal_one(moby_fixture, monkeypatch):
   """3 steps with the global batch split over 8 devices, with replicated and with FSDP
-  state (views in a scan and as one batch), equal 3 steps on 1 device: losses, params,
-  target params, BN statistics and queues within 1e-5 relative."""
+  state (views in a scan and as one batch; over all 8 devices, and within groups of 2 and
+  4 on a data x fsdp mesh), equal 3 steps on 1 device: losses, params, target params, BN
+  statistics and queues within 1e-5 relative."""
   assert jax.device_count() == 8
   monkeypatch.setattr(parallel, "FSDP_MIN_SIZE", 1)  # shard even the tiny test model
   config = noise_robust_config(batch_size=16)
   one, losses1 = _run(config, parallel.make_mesh(jax.devices()[:1]), 3, moby_fixture)
-  for fsdp, views_in_scan in ((False, True), (True, True), (True, False)):
-    config.parallel.fsdp = fsdp
+  for fsdp, views_in_scan, group in ((False, True, 0), (True, True, 0), (True, False, 0),
+                                     (True, True, 2), (True, False, 4)):
+    config.parallel.update(fsdp=fsdp, fsdp_group=group)
     config.train.views_in_scan = views_in_scan
-    eight, losses8 = _run(config, parallel.make_mesh(), 3, moby_fixture)
+    mesh = parallel.mesh_for(config)
+    assert mesh.axis_names == (("data", "fsdp") if group else ("data",))
+    eight, losses8 = _run(config, mesh, 3, moby_fixture)
     kernel = eight.params["encoder"]["layers_0"]["blocks_0"]["mlp"]["fc1"]["kernel"]
     assert kernel.sharding.is_fully_replicated != fsdp
     assert len(kernel.sharding.device_set) == 8
+    if fsdp:  # one shard per device of a group, each held by every group
+      shards = {str(s.index) for s in kernel.addressable_shards}
+      assert len(shards) == (group or 8)
     assert rel_err(losses8, losses1) < 1e-5
     assert int(eight.queue_ptr) == int(one.queue_ptr) == (3 * 16) % config.moby.queue_size
     assert_states_equal(one, eight, config)
@@ -462,3 +469,19 @@ def test_bad_batch_raises_before_compiling(moby_fixture, fixture_step):
   # The state was not consumed by the refused calls.
   state, metrics = step(state, views)
   assert rel_err(metrics["loss"], moby_fixture["step1/loss"]) < 1e-5
+
+
+def test_fsdp_group_needs_fsdp_and_its_mesh():
+  """parallel.fsdp_group: clear errors for a group without FSDP, a mesh that is not the
+  group's, and a group that does not divide the devices."""
+  config = noise_robust_config(batch_size=16)
+  config.parallel.fsdp_group = 2
+  with pytest.raises(ValueError, match="needs parallel.fsdp=True"):
+    run_lib.Pretraining(config, parallel.make_mesh())
+  config.parallel.fsdp = True
+  with pytest.raises(ValueError, match="needs a data x fsdp mesh"):
+    run_lib.Pretraining(config, parallel.make_mesh())
+  assert run_lib.Pretraining(config).mesh.shape == {"data": 4, "fsdp": 2}
+  config.parallel.fsdp_group = 3
+  with pytest.raises(ValueError, match=r"parallel.fsdp_group \(3\) must divide"):
+    parallel.mesh_for(config)
