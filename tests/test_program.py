@@ -270,7 +270,7 @@ def test_corrupt_files_are_skipped_and_reported(folder, tmp_path):
   config.moby.queue_size = 50
   summary = pretrain.pretrain(config, tmp_path / "run", mesh=one_device())
   assert summary["step"] == 2 and summary["skipped_files"] == 2
-  last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+  last = metric_lines(tmp_path / "run")[-1]
   assert last["skipped_files"] == 2 and np.isfinite(last["loss"])
 
 
