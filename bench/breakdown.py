@@ -26,6 +26,7 @@ import collections
 import glob
 import gzip
 import json
+import pathlib
 import re
 import tempfile
 
@@ -154,12 +155,14 @@ def jax_breakdown(hlo: str, call, steps: int = 2) -> dict:
 
 
 def top_operations(trace_dir: str, steps: int, count: int = 15) -> list[tuple[str, str, float]]:
-  """[(process, operation, ms per step)] of the newest perfetto trace under `trace_dir`,
-  the `count` largest by self time (an event's duration less that of the events nested
-  in it on its thread), Python frames and end markers left out."""
-  traces = sorted(glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True))
+  """[(process, operation, ms per step)] of the newest trace (`*.trace.json.gz`, as
+  `jax.profiler` writes them) under `trace_dir`, the `count` largest by self time (an
+  event's duration less that of the events nested in it on its thread), Python frames
+  and end markers left out."""
+  traces = sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True),
+                  key=lambda path: pathlib.Path(path).parent.name)
   if not traces:
-    raise RuntimeError(f"no perfetto_trace.json.gz under {trace_dir}")
+    raise RuntimeError(f"no *.trace.json.gz under {trace_dir}")
   events = json.load(gzip.open(traces[-1]))["traceEvents"]
   process = {e["pid"]: e["args"]["name"] for e in events
              if e.get("ph") == "M" and e.get("name") == "process_name"}
@@ -179,7 +182,7 @@ def top_operations(trace_dir: str, steps: int, count: int = 15) -> list[tuple[st
       stack.append([e["ts"] + e["dur"], (process.get(pid, str(pid)), e["name"]), e["dur"]])
     for _, key, own in stack:
       self_us[key] += own
-  on_devices = {k: v for k, v in self_us.items() if "device" in k[0].lower()}
+  on_devices = {k: v for k, v in self_us.items() if re.match(r"/device:(GPU|TPU)", k[0])}
   ranked = sorted((on_devices or self_us).items(), key=lambda kv: -kv[1])[:count]
   return [(where, name, us / 1e3 / steps) for (where, name), us in ranked]
 

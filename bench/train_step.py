@@ -95,7 +95,7 @@ def bench_jax(args) -> dict:
   if args.trace:
     from breakdown import top_operations
     os.makedirs(args.trace, exist_ok=True)
-    jax.profiler.start_trace(args.trace, create_perfetto_trace=True)
+    jax.profiler.start_trace(args.trace)
     for _ in range(TRACED_STEPS):
       run_step()
     jax.profiler.stop_trace()

@@ -8,9 +8,9 @@ profiler traces of chosen steps or, on demand, of a running job.
   names, and of the next `train.profile_on_demand_steps` steps whenever a file named
   PROFILE appears in the workdir (looked for at log steps only; removed when seen), on
   process 0 (`train.profile_all_processes` for all). Each trace goes to
-  WORKDIR/profile/steps_FIRST-LAST/ (TensorBoard's profile plugin reads WORKDIR/profile;
-  Perfetto opens a trace's `perfetto_trace.json.gz`). Tracing does not change the
-  computation.
+  WORKDIR/profile/steps_FIRST-LAST/plugins/profile/TIME/ (`HOST.xplane.pb`, which
+  TensorBoard's profile plugin reads from WORKDIR/profile, and `HOST.trace.json.gz`, which
+  ui.perfetto.dev opens). Tracing does not change the computation.
 """
 
 import contextlib
@@ -120,7 +120,7 @@ class Profiler:
     self._target = self.workdir / FOLDER / f"steps_{first}-{end - 1}"
     self._local = (str(self._target) if files.is_local(self._target)
                    else tempfile.mkdtemp(prefix="moby_jax_profile_"))
-    jax.profiler.start_trace(self._local, create_perfetto_trace=True)
+    jax.profiler.start_trace(self._local)
     self._end = end
     self.say(f"profile: tracing steps {first} to {end - 1} ({why})")
 
@@ -139,7 +139,7 @@ class Profiler:
         (target / relative).write_bytes(open(path, "rb").read())
       shutil.rmtree(self._local, ignore_errors=True)
     self.say(f"profile: trace written to {target} (view: tensorboard --logdir "
-             f"{self.workdir / FOLDER}, or perfetto_trace.json.gz in ui.perfetto.dev)")
+             f"{self.workdir / FOLDER}, or its .trace.json.gz in ui.perfetto.dev)")
 
 
 def _walk(folder: str):

@@ -84,7 +84,7 @@ def _write_trace(folder: pathlib.Path, events: list) -> None:
   import json
   run = folder / "plugins" / "profile" / "2026_01_01_00_00_00"
   run.mkdir(parents=True)
-  with gzip.open(run / "perfetto_trace.json.gz", "wt") as f:
+  with gzip.open(run / "host.trace.json.gz", "wt") as f:
     json.dump({"traceEvents": events}, f)
 
 
@@ -92,13 +92,16 @@ def test_top_operations_rank_self_time_and_prefer_the_devices(tmp_path):
   """What bench/gpu_check.sh prints from its trace: self time (an event less the events
   nested in it on its thread), per step, device processes over the host's."""
   meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+          {"ph": "M", "name": "process_name", "pid": 3,
+           "args": {"name": "/device:CUSTOM:Megascale Trace"}},
           {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}}]
   x = lambda pid, tid, name, ts, dur: dict(ph="X", pid=pid, tid=tid, name=name, ts=ts, dur=dur)
   host = [x(1, 1, "PjitFunction(step)", 0, 100), x(1, 1, "dispatch", 10, 30),
-          x(1, 1, "$python frame", 50, 40)]
-  _write_trace(tmp_path / "host", meta[:1] + host)
+          x(1, 1, "$python frame", 50, 40), x(3, 1, "megascale", 0, 1)]
+  _write_trace(tmp_path / "host", meta[:2] + host)
   assert breakdown.top_operations(str(tmp_path / "host"), steps=2) == [
-      ("/host:CPU", "PjitFunction(step)", 0.035), ("/host:CPU", "dispatch", 0.015)]
+      ("/host:CPU", "PjitFunction(step)", 0.035), ("/host:CPU", "dispatch", 0.015),
+      ("/device:CUSTOM:Megascale Trace", "megascale", 0.0005)]
   device = [x(2, 7, "fusion.1", 0, 400), x(2, 7, "gemm", 500, 1000), x(2, 7, "gemm", 2000, 1000)]
   _write_trace(tmp_path / "gpu", meta + host + device)
   assert breakdown.top_operations(str(tmp_path / "gpu"), steps=1, count=1) == [

@@ -117,7 +117,7 @@ def test_profiled_run_leaves_traces_and_logs_the_same_losses_with_mfu_and_goodpu
   wall = time.time() - started
   assert losses(workdir) == losses(reference_dir)
   assert not (workdir / "PROFILE").exists()
-  traces = sorted((workdir / "profile").glob("*/plugins/profile/*/perfetto_trace.json.gz"))
+  traces = sorted((workdir / "profile").glob("*/plugins/profile/*/*.trace.json.gz"))
   assert [t.parts[-5] for t in traces] == ["steps_2-3", "steps_6-7"]
   import gzip
   for trace in traces:
