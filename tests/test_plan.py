@@ -155,6 +155,7 @@ def test_quickstart_on_a_v5e_slice(tmp_path, capsys):
   report = json.loads(out.read_text())
   assert "FITS" in text and "DOES NOT FIT" not in text
   assert (report["chips"], report["devices"], report["per_device_batch"]) == (4, 4, 32)
+  assert report["mesh"] == {"data": 4} and "mesh data 4," in text
   step = report["programs"]["train_step"]
   memory = step["memory"]
   assert memory["fits"] and 0 < memory["total_bytes"] < memory["hbm_bytes"] == 16 * 2 ** 30
