@@ -69,8 +69,8 @@ def max_batch_row(model: str) -> dict:
 def fsdp_markdown(rows: dict) -> str:
   lines = [f"| model | topology | parallel | fits | GiB per device: arguments / temporaries / "
            f"total (of HBM) | all-gather MiB | reduce-scatter MiB | all-reduce MiB | "
-           f"ICI time (estimate) | compile |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           f"MiB sent per device (estimate) | ICI time (estimate) | compile |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for model in FSDP_MODELS:
     for topology in FSDP_TOPOLOGIES:
       for mode in FSDP_MODES:
@@ -82,7 +82,7 @@ def fsdp_markdown(rows: dict) -> str:
         if "collectives" not in step:  # the compiler refused it: required bytes only
           lines.append(f"| {model} | {topology} | {FSDP_LABELS[mode]} | **no** | "
                        f"needs {memory['total_bytes'] / GiB:.2f} "
-                       f"({memory['hbm_bytes'] / GiB:.2f}) | | | | | |")
+                       f"({memory['hbm_bytes'] / GiB:.2f}) | | | | | | |")
           continue
         sent = lambda kind: step["collectives"].get(kind, {}).get("bytes", 0) / 2 ** 20
         ici = r.get("ici_seconds_per_step")
@@ -93,6 +93,7 @@ def fsdp_markdown(rows: dict) -> str:
             f"{memory['total_bytes'] / GiB:.2f} ({memory['hbm_bytes'] / GiB:.2f}) | "
             f"{sent('all-gather'):.0f} | {sent('reduce-scatter'):.0f} | "
             f"{sent('all-reduce'):.0f} | "
+            f"{sum(c['wire_bytes'] for c in step['collectives'].values()) / 2 ** 20:.0f} | "
             f"{'n/a' if ici is None else f'{ici * 1e3:.1f} ms'} | "
             f"{step['compile_seconds']:.0f} s |")
   return "\n".join(lines)
