@@ -20,22 +20,22 @@ class MetricLogger:
 
   Rates are over the training time since the last log line: with a `clock`
   (goodput.Clock), the seconds it charged to start-up (the first step's compile),
-  checkpoints, evaluation and profiling are left out. With `flops_per_step`
-  (costs.step_flops, the step over all devices) each line has `tflops_per_device` and,
+  checkpoints, evaluation and profiling are left out. With `flops_per_device_step`
+  (costs.step_flops over the mesh's devices) each line has `tflops_per_device` and,
   with `peak_tflops` (per device), `mfu`. Device and host memory
   (monitor.memory_metrics) are in every line's metrics.
   """
 
   def __init__(self, workdir, total_steps: int, steps_per_epoch: int, batch_size: int,
-               unit: str = "pairs", *, clock=None, flops_per_step: float | None = None,
+               unit: str = "pairs", *, clock=None,
+               flops_per_device_step: float | None = None,
                peak_tflops: float | None = None):
     self.total_steps = total_steps
     self.steps_per_epoch = steps_per_epoch
     self.batch_size = batch_size
     self.unit = unit
     self.clock = clock
-    self.flops_per_device_step = (None if flops_per_step is None
-                                  else flops_per_step / jax.device_count())
+    self.flops_per_device_step = flops_per_device_step
     self.peak_tflops = peak_tflops
     self.main = jax.process_index() == 0
     self.writer = self.jsonl = None

@@ -77,7 +77,7 @@ def _pretrain(config, workdir, mesh) -> dict:
     say(f"resumed from {workdir / checkpoint.CHECKPOINTS / str(step)} (step {step})")
   logger = MetricLogger(workdir, total, config.train.steps_per_epoch,
                         config.data.batch_size, unit="pairs", clock=clock,
-                        flops_per_step=costs.step_flops(config),
+                        flops_per_device_step=costs.step_flops(config) / mesh.size,
                         peak_tflops=peak_tflops(config))
   session = goodput.Session(clock, workdir, is_main())
   bad_files = BadFiles(source)
