@@ -28,7 +28,7 @@ CONFIGS = {"Swin-T": "configs/moby_swin_tiny.py", "DeiT-S": "configs/moby_deit_s
 TOPOLOGIES = ("v5e:8x8", "v5p:4x4x4", "v4:4x4x4", "v6e:16x16")
 BATCHES = (512, 4096)
 FSDP_MODELS = {"Swin-T": "swin_tiny", "Swin-B": "swin_base", "Swin-L": "swin_large"}
-FSDP_TOPOLOGIES = ("v5e:8x8", "v5p:4x4x4")
+FSDP_TOPOLOGIES = ("v5e:8x8", "v5p:4x4x4", "v5e:16x16")
 FSDP_BATCH = 2048
 GiB = 2 ** 30
 
@@ -66,6 +66,11 @@ def max_batch_row(model: str) -> dict:
           "tries": result.stdout}
 
 
+def _sent_mib(step: dict) -> float:
+  """MiB each device sends per step over all the step's collectives (ring estimate)."""
+  return sum(c["wire_bytes"] for c in step.get("collectives", {}).values()) / 2 ** 20
+
+
 def fsdp_markdown(rows: dict) -> str:
   lines = [f"| model | topology | parallel | fits | GiB per device: arguments / temporaries / "
            f"total (of HBM) | all-gather MiB | reduce-scatter MiB | all-reduce MiB | "
@@ -93,7 +98,7 @@ def fsdp_markdown(rows: dict) -> str:
             f"{memory['total_bytes'] / GiB:.2f} ({memory['hbm_bytes'] / GiB:.2f}) | "
             f"{sent('all-gather'):.0f} | {sent('reduce-scatter'):.0f} | "
             f"{sent('all-reduce'):.0f} | "
-            f"{sum(c['wire_bytes'] for c in step['collectives'].values()) / 2 ** 20:.0f} | "
+            f"{_sent_mib(step):.0f} | "
             f"{'n/a' if ici is None else f'{ici * 1e3:.1f} ms'} | "
             f"{step['compile_seconds']:.0f} s |")
   return "\n".join(lines)
@@ -113,13 +118,12 @@ def markdown(rows: dict) -> str:
     model, topology, batch = key.split("|")
     step = r["programs"]["train_step"]
     memory = step["memory"]
-    wire = sum(c["wire_bytes"] for c in step.get("collectives", {}).values())
     ici = r.get("ici_seconds_per_step")
     lines.append(
         f"| {model} | {batch} | {topology} | {r['chips']} | "
         f"{'yes' if memory['fits'] else '**no**'} | "
         f"{memory['total_bytes'] / GiB:.2f} ({memory['hbm_bytes'] / GiB:.2f}) | "
-        f"{r['flops']['per_device'] / 1e12:.2f} | {wire / 2 ** 20:.0f} MiB | "
+        f"{r['flops']['per_device'] / 1e12:.2f} | {_sent_mib(step):.0f} MiB | "
         f"{r['flops']['lower_bound_step_seconds'] * 1e3:.1f} ms | "
         f"{'n/a' if ici is None else f'{ici * 1e3:.1f} ms'} |")
   for key in sorted(k for k in rows if k.startswith("max_batch|")):

@@ -76,6 +76,11 @@ class Clock:
     return dict(self.seconds)
 
 
+def charged(clock: Clock | None, part: str):
+  """`clock.part(part)`, or a context that does nothing where there is no clock."""
+  return clock.part(part) if clock else contextlib.nullcontext()
+
+
 class Session:
   """This start's record in WORKDIR/goodput, timed by `clock` (process 0 writes it; the
   others keep their clock only). The step loop calls `begin` with the step it starts (or

@@ -7,7 +7,7 @@ and loader and hand them to it.
 """
 
 import collections
-import contextlib
+import functools
 import time
 
 import jax
@@ -107,8 +107,7 @@ def run_loop(*, config, mesh, loader, state, step_fn, ckpt, logger, bad_files, u
   ahead = collections.deque()
   depth = max(1, config.data.device_prefetch)
 
-  def part(name: str):
-    return session.clock.part(name) if session else contextlib.nullcontext()
+  part = functools.partial(goodput.charged, session and session.clock)
 
   if session:
     session.begin(first)

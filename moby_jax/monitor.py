@@ -13,7 +13,6 @@ profiler traces of chosen steps or, on demand, of a running job.
   ui.perfetto.dev opens). Tracing does not change the computation.
 """
 
-import contextlib
 import os
 import resource
 import shutil
@@ -22,7 +21,7 @@ import tempfile
 
 import jax
 
-from moby_jax import files
+from moby_jax import files, goodput
 
 GiB = 2 ** 30
 TRIGGER = "PROFILE"   # touch WORKDIR/PROFILE to trace a running job
@@ -108,7 +107,7 @@ class Profiler:
       self._stop()
 
   def _part(self):
-    return self.clock.part("profiling") if self.clock else contextlib.nullcontext()
+    return goodput.charged(self.clock, "profiling")
 
   def _start(self, first: int, end: int, why: str) -> None:
     if not self.enabled:

@@ -7,6 +7,8 @@ count, the bisection, the errors) runs everywhere.
 
 import importlib.util
 import json
+import pathlib
+import sys
 
 import pytest
 
@@ -193,6 +195,19 @@ def test_fsdp_gathers_once_per_use_and_reduce_scatters():
   assert found["reduce-scatter"]["bytes"] >= 1.9 * shard
   assert found["all-reduce"]["bytes"] < 0.05 * whole
   assert found["all-gather"]["bytes"] < 4.5 * whole
+
+
+@needs_libtpu
+def test_reduce_scatter_probe():
+  """bench/reduce_scatter.py on 4 chips: the step's gradient constraint and an explicit
+  psum_scatter both compile to a reduce-scatter sending (n-1)/n of the leaf."""
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
+  import reduce_scatter
+  rows = reduce_scatter.probe("v5e:2x2", 8 * 2 ** 20)
+  assert [way for way, *_ in rows] == ["constraint", "psum_scatter"]
+  for _, emitted, sent, ideal in rows:
+    assert "reduce-scatter" in emitted and "all-reduce" not in emitted
+    assert ideal == pytest.approx(6.0) and sent / 2 ** 20 == pytest.approx(ideal, rel=0.05)
 
 
 @needs_libtpu
