@@ -16,7 +16,11 @@ planner's ring estimate, `moby_jax.costs.collectives`) against a reduce-scatter'
 - psum_scatter: an explicit `jax.lax.psum_scatter` in a `shard_map`, the same reduction
   written as the collective itself;
 - groups of 8: the `data` x `fsdp` mesh of `parallel.fsdp_group=8` (reduce-scatter within
-  a group, all-reduce of the shard across groups).
+  a group, all-reduce of the shard across groups);
+- one psum_scatter per torus axis: on a mesh laid along the slice's torus
+  (`mesh_utils.create_device_mesh`), an explicit `psum_scatter` along each axis in turn.
+  Only a program that holds each device's partial gradient itself (the backward pass in
+  a `shard_map`) can ask for this; the train step is written for the global batch.
 """
 
 import argparse
@@ -27,8 +31,10 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import common  # noqa: F401,E402  (import paths)
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.experimental import mesh_utils  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 from moby_jax import costs, parallel, plan  # noqa: E402
 
@@ -72,6 +78,23 @@ def probe(topology: str, leaf_bytes: int) -> list[tuple[str, str, float, float]]
     groups = n // 8
     out.append(("groups of 8", *_emitted(grouped.lower(partials2).compile(), n),
                 ideal(8) + 2 * (groups - 1) / groups * mib / 8))
+
+  dims = [d for d in plan.parse_topology(topology).dims if d > 1]
+  if len(dims) > 1 and int(np.prod(dims)) == n:  # (libtpu: v4 has 2 devices per chip)
+    axes = tuple("xyz"[:len(dims)])
+    torus = Mesh(mesh_utils.create_device_mesh(dims, devices), axes)
+
+    def per_axis(g):
+      g = g[0]
+      for axis in axes:
+        g = jax.lax.psum_scatter(g, axis, scatter_dimension=0, tiled=True)
+      return g
+
+    scatters = jax.shard_map(per_axis, mesh=torus, in_specs=P(axes), out_specs=P(axes))
+    partials3 = jax.ShapeDtypeStruct((n, rows, 256), jnp.float32,
+                                     sharding=NamedSharding(torus, P(axes)))
+    out.append((f"one psum_scatter per torus axis ({' x '.join(map(str, dims))})",
+                *_emitted(jax.jit(scatters).lower(partials3).compile(), n), ideal(n)))
   return out
 
 

@@ -199,15 +199,22 @@ def test_fsdp_gathers_once_per_use_and_reduce_scatters():
 
 @needs_libtpu
 def test_reduce_scatter_probe():
-  """bench/reduce_scatter.py on 4 chips: the step's gradient constraint and an explicit
-  psum_scatter both compile to a reduce-scatter sending (n-1)/n of the leaf."""
+  """bench/reduce_scatter.py: on 4 chips the step's gradient constraint, an explicit
+  psum_scatter and one psum_scatter per torus axis all compile to reduce-scatters
+  sending (n-1)/n of the leaf; on 16 chips (where the compiler all-reduces the first
+  two, README) one psum_scatter per torus axis still sends only that."""
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
   import reduce_scatter
   rows = reduce_scatter.probe("v5e:2x2", 8 * 2 ** 20)
-  assert [way for way, *_ in rows] == ["constraint", "psum_scatter"]
+  assert [way for way, *_ in rows] == ["constraint", "psum_scatter",
+                                       "one psum_scatter per torus axis (2 x 2)"]
   for _, emitted, sent, ideal in rows:
     assert "reduce-scatter" in emitted and "all-reduce" not in emitted
     assert ideal == pytest.approx(6.0) and sent / 2 ** 20 == pytest.approx(ideal, rel=0.05)
+  *_, (way, emitted, sent, ideal) = reduce_scatter.probe("v5e:4x4", 8 * 2 ** 20)
+  assert way == "one psum_scatter per torus axis (4 x 4)"
+  assert "reduce-scatter x2" in emitted and "all-reduce" not in emitted
+  assert ideal == pytest.approx(7.5) and sent / 2 ** 20 == pytest.approx(ideal, rel=0.05)
 
 
 @needs_libtpu
