@@ -7,7 +7,9 @@ count, the bisection, the errors) runs everywhere.
 
 import importlib.util
 import json
+import os
 import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -231,3 +233,47 @@ def test_a_run_that_does_not_fit_exits_non_zero(capsys):
                     "--config.eval.enabled=False"]) == 1
   text = capsys.readouterr().out
   assert "train_step: DOES NOT FIT" in text and "exceeds available HBM" in text
+
+
+def _fake_gcloud(folder: pathlib.Path) -> dict:
+  """A `gcloud` on PATH that describes the slice as $FAKE_TPU_TYPE and records every other
+  call (the ssh commands that would start work on the TPU VMs) in $FAKE_GCLOUD_CALLS."""
+  gcloud = folder / "gcloud"
+  gcloud.write_text('#!/bin/bash\nif [ "$4" = describe ]; then echo "$FAKE_TPU_TYPE"; '
+                    'else printf "%s\\n----\\n" "$*" >> "$FAKE_GCLOUD_CALLS"; fi\n')
+  gcloud.chmod(0o755)
+  return dict(os.environ, PATH=f"{folder}{os.pathsep}{pathlib.Path(sys.executable).parent}"
+              f"{os.pathsep}{os.environ['PATH']}", TPU_NAME="my-slice", ZONE="us-east5-a",
+              BUCKET="gs://my-bucket", CONFIG=QUICKSTART,
+              FAKE_GCLOUD_CALLS=str(folder / "calls"))
+
+
+@needs_libtpu
+def test_tpu_pod_launch_plans_the_slice_before_it_starts_anything(tmp_path):
+  """launch/tpu_pod.sh with a fake gcloud: a batch the slice's 8 chips do not divide stops
+  the launch with train.py's message before any TPU VM is touched; a config that fits
+  goes on to install and start the run on every host with the same overrides."""
+  root = pathlib.Path(__file__).resolve().parents[1]
+  env = _fake_gcloud(tmp_path)
+  calls = tmp_path / "calls"
+  refused = subprocess.run(
+      ["bash", "launch/tpu_pod.sh", "--config.data.batch_size=12",
+       "--config.moby.queue_size=1200"], cwd=root, capture_output=True, text=True,
+      env=dict(env, FAKE_TPU_TYPE="v5litepod-8"), timeout=600)
+  assert refused.returncode == 1, refused.stdout + refused.stderr
+  assert "pre-flight: planning configs/quickstart.py for v5litepod-8" in refused.stdout
+  assert "must be divisible by the number of devices (8)" in refused.stderr
+  assert "pre-flight failed: not launching" in refused.stdout and not calls.exists()
+
+  launched = subprocess.run(
+      ["bash", "launch/tpu_pod.sh", "--config.eval.enabled=False"], cwd=root,
+      capture_output=True, text=True, env=dict(env, FAKE_TPU_TYPE="v5litepod-4"),
+      timeout=900)
+  assert launched.returncode == 0, launched.stdout + launched.stderr
+  assert "FITS" in launched.stdout
+  install, run = (" ".join(call.split()) for call in calls.read_text().split("\n----\n")[:2])
+  assert install.startswith("compute tpus tpu-vm ssh my-slice --zone=us-east5-a --worker=all")
+  assert "requirements-tpu.txt" in install
+  assert "--worker=all" in run and "MOBY_DISTRIBUTED=1" in run
+  assert ("train.py --config configs/quickstart.py --workdir gs://my-bucket/runs/moby_swin_t "
+          "--config.data.data_dir=gs://my-bucket/tfds --config.eval.enabled=False") in run
