@@ -7,7 +7,7 @@ and DeiT-S at global batch 512 (the paper's) and 4096 on v5e:8x8, v5p:4x4x4, v4:
 v6e:16x16, then `--max-batch` on one v5e chip, then data parallel against FSDP (over all
 chips, and within groups of 8 on a data x fsdp mesh) for Swin-T, Swin-B and Swin-L sized
 MoBY (the Swin-T recipe with the larger encoder) at global batch 2048 (32 pairs per chip,
-the paper's 512 over 16 GPUs) on v5e:8x8 and v5p:4x4x4, and prints
+the paper's 512 over 16 GPUs) on v5e:8x8, v5p:4x4x4 and v5e:16x16, and prints
 the rows as Markdown tables. Rows already in --out are kept (the tables can be built over
 several sessions). A Swin-T compile takes 2 to 15 minutes on 2 cores, Swin-B/L about twice
 that: run it in the background.

@@ -141,10 +141,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def fsdp_axis(mesh: Mesh) -> str:
+  """The mesh axis the state is sharded over: `fsdp` on a 2-D mesh, else `data`."""
+  return FSDP if FSDP in mesh.axis_names else DATA
+
+
 def fsdp_sharding(leaf, mesh: Mesh) -> NamedSharding:
   """Shards the largest axis of `leaf` that the FSDP axis (`fsdp` on a 2-D mesh, else
   `data`) divides; small leaves replicate."""
-  name = FSDP if FSDP in mesh.axis_names else DATA
+  name = fsdp_axis(mesh)
   n = mesh.shape[name]
   shape = tuple(leaf.shape)
   if n == 1 or int(np.prod(shape, dtype=np.int64)) < FSDP_MIN_SIZE:
@@ -169,6 +174,30 @@ def state_shardings(abstract_state, mesh: Mesh, fsdp: bool):
                    "queue_ptr", "rng", "skipped_steps")},
       params=shard(abstract_state.params), target_params=shard(abstract_state.target_params),
       opt_state=shard(abstract_state.opt_state))
+
+
+def fsdp_left_whole(abstract_state, shardings) -> list[tuple[str, int]]:
+  """The params, target and optimizer leaves that FSDP `shardings` (`state_shardings`
+  with fsdp) left whole on every device although they are large enough to shard
+  (FSDP_MIN_SIZE): no axis of theirs is a multiple of the FSDP axis (256 chips divide
+  few of Swin's 96 * 2^k widths). (path, bytes), largest first."""
+  left = []
+  for part in ("params", "target_params", "opt_state"):
+    leaves = jax.tree_util.tree_leaves_with_path(getattr(abstract_state, part))
+    for (path, leaf), sharding in zip(leaves, jax.tree.leaves(getattr(shardings, part))):
+      size = int(np.prod(leaf.shape, dtype=np.int64))
+      if size >= FSDP_MIN_SIZE and sharding.is_fully_replicated and sharding.mesh.size > 1:
+        left.append((part + "/" + jax.tree_util.keystr(path, simple=True, separator="/"),
+                     size * np.dtype(leaf.dtype).itemsize))
+  return sorted(left, key=lambda item: -item[1])
+
+
+def describe_left_whole(left: list[tuple[str, int]], fsdp_size: int) -> str:
+  """One line on `fsdp_left_whole`'s leaves, for the trainer's and the planner's output."""
+  return (f"FSDP leaves {len(left)} leaves whole on every device "
+          f"({sum(b for _, b in left) / 2 ** 20:.1f} MiB per device): {fsdp_size} divides "
+          f"none of their axes (largest: {left[0][0]}); parallel.fsdp_group=k shards "
+          f"within groups of k devices instead")
 
 
 def to_global(batch, mesh: Mesh):

@@ -250,6 +250,12 @@ def plan(config, topology: str | Topology, *, num_classes: int | None = None) ->
       mesh={name: int(size) for name, size in mesh.shape.items()},
       views_in_scan=bool(config.train.views_in_scan), chip=dataclasses.asdict(topology.chip),
       programs={})
+  if run.fsdp_left_whole:
+    report["fsdp_left_whole"] = dict(
+        leaves=len(run.fsdp_left_whole), bytes=sum(b for _, b in run.fsdp_left_whole),
+        largest=[path for path, _ in run.fsdp_left_whole[:3]],
+        text=parallel.describe_left_whole(run.fsdp_left_whole,
+                                          mesh.shape[parallel.fsdp_axis(mesh)]))
 
   step_flops = costs.step_flops(config)
   analytic = costs.analytic_step_flops(config)
@@ -386,6 +392,8 @@ def format_report(report: dict) -> str:
       f"{'on' if report['fsdp'] else 'off'}, mesh "
       f"{' x '.join(f'{k} {v}' for k, v in report['mesh'].items())}, views "
       f"{'in a scan' if report['views_in_scan'] else 'as one batch'}"]
+  if "fsdp_left_whole" in report:
+    lines.append(f"  {report['fsdp_left_whole']['text']}")
   flops = report["flops"]
   lines += [
       "FLOPs (XLA's count of the loop-free step; the lower bound assumes the chip's peak "

@@ -62,6 +62,9 @@ def _pretrain(config, workdir, mesh) -> dict:
       f"{len(source)} images, global batch {config.data.batch_size}, "
       f"{config.train.epochs} epochs = {total} steps, {mesh.size} device(s), "
       f"{jax.process_count()} process(es); workdir {workdir}")
+  if run.fsdp_left_whole:
+    say(parallel.describe_left_whole(run.fsdp_left_whole,
+                                     mesh.shape[parallel.fsdp_axis(mesh)]))
   ckpt = checkpoint.Checkpointer(workdir, config, config.train.checkpoint_every_steps,
                                  config.train.keep_checkpoints)
   loader = loaders.pretrain_loader(config, source)

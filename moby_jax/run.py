@@ -43,6 +43,7 @@ class Pretraining:
     state_shardings:  the TrainState's shardings (config.parallel.fsdp or replicated),
     abstract_state:   its shapes and dtypes with those shardings (restore and lowering
                       target),
+    fsdp_left_whole:  with FSDP, the large leaves it could not shard (path, bytes),
     step:             `step(state, batch) -> (state, metrics)`, jitted once; `step.jitted`
                       is the `jax.jit` object (lower it with `abstract_state` and
                       `abstract_batch()`).
@@ -62,6 +63,8 @@ class Pretraining:
     self.state_shardings = parallel.state_shardings(abstract, self.mesh,
                                                     config.parallel.fsdp)
     self.abstract_state = sharded_shapes(abstract, self.state_shardings)
+    self.fsdp_left_whole = (parallel.fsdp_left_whole(abstract, self.state_shardings)
+                            if config.parallel.fsdp else [])
     self.step = self._make_step()
 
   def _make_step(self):

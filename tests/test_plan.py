@@ -277,3 +277,28 @@ def test_tpu_pod_launch_plans_the_slice_before_it_starts_anything(tmp_path):
   assert "--worker=all" in run and "MOBY_DISTRIBUTED=1" in run
   assert ("train.py --config configs/quickstart.py --workdir gs://my-bucket/runs/moby_swin_t "
           "--config.data.data_dir=gs://my-bucket/tfds --config.eval.enabled=False") in run
+
+
+@needs_libtpu
+def test_fsdp_says_which_leaves_a_slice_leaves_whole():
+  """Swin's widths are 96 * 2^k (x3 for qkv, x4 for the MLP): 64 chips divide nearly all
+  of them, 256 chips few. The run's construction lists what FSDP had to leave whole and
+  the trainer and the planner say it (built for described devices: nothing compiles)."""
+  from configs import moby_swin_tiny
+  from moby_jax import parallel
+  from moby_jax.run import Pretraining
+
+  config = moby_swin_tiny.get_config()
+  config.data.batch_size, config.parallel.fsdp, config.eval.enabled = 2048, True, False
+  left = {}
+  for topology in ("v5e:8x8", "v5e:16x16"):
+    mesh = parallel.mesh_for(config, plan.topology_devices(plan.parse_topology(topology)))
+    left[topology] = Pretraining(config, mesh).fsdp_left_whole
+  small, large = (sum(b for _, b in left[t]) for t in ("v5e:8x8", "v5e:16x16"))
+  assert small < 2 * 2 ** 20 < 50 * 2 ** 20 < large
+  path, size = left["v5e:16x16"][0]
+  assert path == "params/encoder/layers_2/blocks_0/attn/qkv/kernel" and size == 384 * 1152 * 4
+  text = parallel.describe_left_whole(left["v5e:16x16"], 256)
+  assert text.startswith(f"FSDP leaves {len(left['v5e:16x16'])} leaves") and "256 divides" in text
+  config.parallel.fsdp = False
+  assert Pretraining(config, mesh).fsdp_left_whole == []
