@@ -192,10 +192,11 @@ def fsdp_left_whole(abstract_state, shardings) -> list[tuple[str, int]]:
   return sorted(left, key=lambda item: -item[1])
 
 
-def describe_left_whole(left: list[tuple[str, int]], fsdp_size: int) -> str:
+def describe_left_whole(left: list[tuple[str, int]], mesh: Mesh) -> str:
   """One line on `fsdp_left_whole`'s leaves, for the trainer's and the planner's output."""
   return (f"FSDP leaves {len(left)} leaves whole on every device "
-          f"({sum(b for _, b in left) / 2 ** 20:.1f} MiB per device): {fsdp_size} divides "
+          f"({sum(b for _, b in left) / 2 ** 20:.1f} MiB per device): "
+          f"{mesh.shape[fsdp_axis(mesh)]} divides "
           f"none of their axes (largest: {left[0][0]}); parallel.fsdp_group=k shards "
           f"within groups of k devices instead")
 

@@ -254,8 +254,7 @@ def plan(config, topology: str | Topology, *, num_classes: int | None = None) ->
     report["fsdp_left_whole"] = dict(
         leaves=len(run.fsdp_left_whole), bytes=sum(b for _, b in run.fsdp_left_whole),
         largest=[path for path, _ in run.fsdp_left_whole[:3]],
-        text=parallel.describe_left_whole(run.fsdp_left_whole,
-                                          mesh.shape[parallel.fsdp_axis(mesh)]))
+        text=parallel.describe_left_whole(run.fsdp_left_whole, mesh))
 
   step_flops = costs.step_flops(config)
   analytic = costs.analytic_step_flops(config)

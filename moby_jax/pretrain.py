@@ -63,8 +63,7 @@ def _pretrain(config, workdir, mesh) -> dict:
       f"{config.train.epochs} epochs = {total} steps, {mesh.size} device(s), "
       f"{jax.process_count()} process(es); workdir {workdir}")
   if run.fsdp_left_whole:
-    say(parallel.describe_left_whole(run.fsdp_left_whole,
-                                     mesh.shape[parallel.fsdp_axis(mesh)]))
+    say(parallel.describe_left_whole(run.fsdp_left_whole, mesh))
   ckpt = checkpoint.Checkpointer(workdir, config, config.train.checkpoint_every_steps,
                                  config.train.keep_checkpoints)
   loader = loaders.pretrain_loader(config, source)

@@ -298,7 +298,7 @@ def test_fsdp_says_which_leaves_a_slice_leaves_whole():
   assert small < 2 * 2 ** 20 < 50 * 2 ** 20 < large
   path, size = left["v5e:16x16"][0]
   assert path == "params/encoder/layers_2/blocks_0/attn/qkv/kernel" and size == 384 * 1152 * 4
-  text = parallel.describe_left_whole(left["v5e:16x16"], 256)
+  text = parallel.describe_left_whole(left["v5e:16x16"], mesh)
   assert text.startswith(f"FSDP leaves {len(left['v5e:16x16'])} leaves") and "256 divides" in text
   config.parallel.fsdp = False
   assert Pretraining(config, mesh).fsdp_left_whole == []
