@@ -49,7 +49,7 @@ def _emitted(compiled, n: int) -> tuple[str, float]:
 
 
 def probe(topology: str, leaf_bytes: int) -> list[tuple[str, str, float, float]]:
-  """(way, collectives emitted, MiB sent per device, MiB a reduce-scatter sends)."""
+  """(way, collectives emitted, bytes sent per device, MiB a reduce-scatter sends)."""
   devices = plan.topology_devices(plan.parse_topology(topology))
   n = len(devices)
   rows = (leaf_bytes // 4 // 256) // n * n
